@@ -73,7 +73,7 @@ impl TensorStore {
             TensorStore::Gguf(g) => g
                 .index
                 .get(name)
-                .map(|(part, _)| g.parts[*part].path.clone())
+                .map(|&part| g.parts[part].path.clone())
                 .unwrap_or_else(|| g.parts[0].path.clone()),
             TensorStore::Safetensors(s) => s.dir.clone(),
         }
@@ -109,9 +109,8 @@ impl TensorStore {
     pub fn qtensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Arc<QTensor>> {
         match self {
             TensorStore::Gguf(g) => {
-                let (part, info) = g.index.get(name).ok_or_else(|| self.missing(name))?;
+                let (part, info) = g.info(name).ok_or_else(|| self.missing(name))?;
                 Self::check_shape(name, info.shape.dims(), shape)?;
-                let part = &g.parts[*part];
                 let mut file = File::open(&part.path).map_err(|source| ModelError::Io {
                     path: part.path.clone(),
                     source,
@@ -165,7 +164,7 @@ struct GgufPart {
 /// A GGUF model: one file, or every part of a split set, indexed by tensor name.
 pub struct GgufSet {
     parts: Vec<GgufPart>,
-    index: HashMap<String, (usize, TensorInfo)>,
+    index: HashMap<String, usize>,
 }
 
 impl GgufSet {
@@ -176,8 +175,8 @@ impl GgufSet {
         let mut index = HashMap::new();
         for (i, p) in paths.into_iter().enumerate() {
             let content = read_gguf_header(&p)?;
-            for (name, info) in &content.tensor_infos {
-                if index.insert(name.clone(), (i, info.clone())).is_some() {
+            for name in content.tensor_infos.keys() {
+                if index.insert(name.clone(), i).is_some() {
                     return Err(ModelError::Format {
                         path: p.clone(),
                         format: "GGUF",
@@ -203,8 +202,13 @@ impl GgufSet {
         self.parts.iter().map(|p| p.path.clone()).collect()
     }
 
+    fn info(&self, name: &str) -> Option<(&GgufPart, &TensorInfo)> {
+        let part = &self.parts[*self.index.get(name)?];
+        Some((part, part.content.tensor_infos.get(name)?))
+    }
+
     fn meta(&self, name: &str) -> Option<TensorMeta> {
-        let (_, info) = self.index.get(name)?;
+        let (_, info) = self.info(name)?;
         let elems = info.shape.elem_count() as u64;
         let dtype = info.ggml_dtype;
         Some(TensorMeta {

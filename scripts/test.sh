@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (Debian packages, the real models), then runs
+# every test of the workspace. Idempotent; CI runs exactly this through .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for step in scripts/transport-ci.sh scripts/cluster-ci.sh; do
+    echo "== $step"
+    bash "$step"
+done
+
+echo "== fetching models"
+bash scripts/fetch-models.sh --all
+
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads="${BATON_TEST_THREADS:-2}"
