@@ -588,10 +588,8 @@ def build_model_fixture(name, spec, hf_tok, out_root: Path, converter, do_gguf: 
     # (causality check of the reference itself).
     l2, _, _ = forward_reference(model, prompts[2]["ids"][:5], torch)
     assert torch.allclose(l2, tensors["logits.2"][:5], atol=1e-5), "reference not causal?"
-    save_file(tensors, str(out / "reference.safetensors"), metadata={
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "dtype": "float32", "attn_implementation": "eager",
-    })
+    # No safetensors __metadata__: its key order is not stable between runs (reference.json has it).
+    save_file(tensors, str(out / "reference.safetensors"))
     router_min = None
     if name == "deepseek_v3":
         router_min = check_router_margin(model, prompts, torch)
@@ -869,19 +867,21 @@ def real_model_refs(out_root: Path, models_dir: Path):
             c["source"] = f"{fname}: tokenizer.chat_template; transformers apply_chat_template"
         write_json(out_root / "chat" / f"{short}.json", cases)
         # Tokenizer.
-        texts = list(TOKENIZER_TEXTS) + [cases[0]["rendered"], cases[3]["rendered"]]
-        refs = []
-        for t in texts:
-            refs.append({"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"],
-                         "add_special_tokens": False})
-        for t in texts[:3] + [cases[0]["rendered"]]:
-            refs.append({"text": t, "ids": tok(t, add_special_tokens=True)["input_ids"],
-                         "add_special_tokens": True})
+        refs = tokenizer_cases(tok, [cases[0]["rendered"], cases[3]["rendered"]])
         if short == "smollm2":
             got = tok("The capital of France is", add_special_tokens=False)["input_ids"]
             assert got == [504, 3575, 282, 4649, 314], f"SmolLM2 ids wrong: {got}"
         write_json(out_root / "tokenizer" / f"{short}.json", refs)
         print(f"  {short}: {len(cases)} chat cases, {len(refs)} tokenizer cases", flush=True)
+
+
+def tokenizer_cases(tok, extra_texts):
+    texts = list(TOKENIZER_TEXTS) + list(extra_texts)
+    refs = [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"], "add_special_tokens": False}
+            for t in texts]
+    refs += [{"text": t, "ids": tok(t, add_special_tokens=True)["input_ids"], "add_special_tokens": True}
+             for t in texts[:3] + list(extra_texts)[:1]]
+    return refs
 
 
 def fix_gguf_tokenizer(tok, meta):
@@ -916,6 +916,120 @@ def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Optional cross-check with llama.cpp itself (--verify-llama-cpp). Needs only numpy and the
+# llama_cpp module (llama-cpp-python 0.3.36 built from the same sdist), no torch:
+#   python3 -m venv /tmp/llama-venv
+#   /tmp/llama-venv/bin/pip install llama-cpp-python==0.3.36   # builds llama.cpp (~20 min on 2 cores)
+#   /tmp/llama-venv/bin/python scripts/make-fixtures.py --verify-llama-cpp
+# ---------------------------------------------------------------------------------------------
+
+def read_safetensors_np(path: Path):
+    import numpy as np
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    base = 8 + n
+    dt = {"F32": np.float32, "I64": np.int64, "F16": np.float16}
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        out[k] = np.frombuffer(raw[base + a:base + b], dtype=dt[v["dtype"]]).reshape(v["shape"])
+    return out
+
+
+def write_safetensors_np(path: Path, tensors: dict):
+    import numpy as np
+
+    header, blobs, off = {}, [], 0
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        dt = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}[a.dtype]
+        b = a.tobytes()
+        header[k] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def verify_llama_cpp(out_root: Path, models_dir: Path):
+    import numpy as np
+    import llama_cpp
+
+    report = {"llama_cpp_python": llama_cpp.__version__, "logits": {}, "tokenizer": {}}
+    failures = []
+    for d in sorted(p for p in out_root.iterdir() if (p / "reference.safetensors").exists()):
+        ref = read_safetensors_np(d / "reference.safetensors")
+        for g in sorted(d.glob("model-*.gguf")):
+            # F32 KV cache (llama.cpp's default is F16, which alone costs ~1e-3 in the logits)
+            llm = llama_cpp.Llama(model_path=str(g), n_ctx=64, n_batch=64, logits_all=True,
+                                  n_threads=2, verbose=False, type_k=0, type_v=0)
+            worst_abs, worst_rel, argmax_agree, total = 0.0, 0.0, 0, 0
+            lc_logits = {}
+            for i in range(len(PROMPT_LENGTHS)):
+                ids = ref[f"ids.{i}"].tolist()
+                want = ref[f"logits.{i}"]
+                llm.reset()
+                llm.eval(ids)
+                got = np.array(llm.scores[:len(ids)], dtype=np.float32)
+                lc_logits[f"ids.{i}"] = ref[f"ids.{i}"]
+                lc_logits[f"logits.{i}"] = got
+                diff = np.abs(got - want)
+                worst_abs = max(worst_abs, float(diff.max()))
+                worst_rel = max(worst_rel, float(diff.max() / (np.abs(want).max() + 1e-12)))
+                argmax_agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+                total += len(ids)
+            # llama.cpp's tokenizer on the GGUF vs. the HF tokenizer's ids of the prompts
+            rj = json.loads((d / "reference.json").read_text(encoding="utf-8"))
+            tok_ok = True
+            for p in rj["prompts"]:
+                t = llm.tokenize(p["source_text"].encode("utf-8"), add_bos=True, special=True)
+                if t[:p["length"]] != p["ids"]:
+                    tok_ok = False
+            del llm
+            if "q8_0" in g.name:
+                # llama.cpp's own logits for the Q8_0 file: a tighter target for a Q8_0 path than
+                # the float32 reference (same quantized weights, Q8_0-quantized activations).
+                write_safetensors_np(d / "llama_cpp_q8_0.safetensors", lc_logits)
+            key = f"{d.name}/{g.name}"
+            report["logits"][key] = {"max_abs_diff": worst_abs, "max_diff_over_max_abs_logit": worst_rel,
+                                     "argmax_agree": f"{argmax_agree}/{total}", "prompt_tokens_equal": tok_ok}
+            print(f"  {key}: max|diff| {worst_abs:.3g} (rel {worst_rel:.3g}), argmax {argmax_agree}/{total}, "
+                  f"prompt tokens {'ok' if tok_ok else 'DIFFER'}", flush=True)
+            if "f32" in g.name and worst_rel > 1e-3:
+                failures.append(key)
+
+    def check_tok(label, gguf_path: Path, cases):
+        llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+        bad = []
+        for c in cases:
+            got = llm.tokenize(c["text"].encode("utf-8"), add_bos=c["add_special_tokens"], special=True)
+            if got != c["ids"]:
+                bad.append({"text": c["text"], "add_special_tokens": c["add_special_tokens"],
+                            "reference": c["ids"], "llama_cpp": got})
+        del llm
+        report["tokenizer"][label] = {"cases": len(cases), "mismatches": bad}
+        print(f"  tokenizer {label}: {len(cases) - len(bad)}/{len(cases)} equal", flush=True)
+
+    for d in sorted(p for p in out_root.iterdir() if (p / "model-f32.gguf").exists()):
+        tj = out_root / "tokenizer" / f"{d.name}.json"
+        if tj.exists():
+            check_tok(d.name, d / "model-f32.gguf", json.loads(tj.read_text(encoding="utf-8")))
+    for short, fname in [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                         ("qwen2.5", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf")]:
+        tj = out_root / "tokenizer" / f"{short}.json"
+        if tj.exists() and (models_dir / fname).exists():
+            check_tok(short, models_dir / fname, json.loads(tj.read_text(encoding="utf-8")))
+    write_json(out_root / "llama_cpp_check.json", report)
+    if failures:
+        sys.exit(f"llama.cpp disagrees with the reference logits for: {failures}")
+
 # ---------------------------------------------------------------------------------------------
 
 def main():
@@ -926,7 +1040,13 @@ def main():
     ap.add_argument("--no-real", action="store_true", help="skip chat/tokenizer refs of real models")
     ap.add_argument("--sdist", default=None, help=f"local {SDIST_NAME} (sha256 checked)")
     ap.add_argument("--keep-temp", action="store_true")
+    ap.add_argument("--verify-llama-cpp", action="store_true",
+                    help="only cross-check the committed fixtures with llama.cpp (llama_cpp module)")
     args = ap.parse_args()
+    models_dir = Path(os.environ.get("BATON_MODELS", "~/.cache/baton/models")).expanduser()
+    if args.verify_llama_cpp:
+        verify_llama_cpp(Path(args.out).resolve(), models_dir)
+        return
 
     import torch
     import transformers
@@ -974,9 +1094,10 @@ def main():
             for c in cases:
                 c["source"] = f"tests/fixtures/{name}/tokenizer_config.json chat_template ({fl['template']})"
             write_json(out_root / "chat" / f"{name}.json", cases)
+            write_json(out_root / "tokenizer" / f"{name}.json",
+                       tokenizer_cases(hf_tok, [cases[0]["rendered"]]))
 
         if not args.no_real and not only:
-            models_dir = Path(os.environ.get("BATON_MODELS", "~/.cache/baton/models")).expanduser()
             print("== real models (chat + tokenizer references)", flush=True)
             subprocess.run(["bash", str(SCRIPTS / "fetch-models.sh"), "--all"], check=True,
                            stdout=subprocess.DEVNULL, env={**os.environ, "BATON_MODELS": str(models_dir)})
