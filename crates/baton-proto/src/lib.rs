@@ -1,0 +1,58 @@
+//! baton-proto: the control plane between the head and its workers.
+//!
+//! - [`pb`]: the `baton.v1` messages and the `Worker` service, generated from `proto/baton.proto`
+//!   (client in [`pb::worker_client`], server trait in [`pb::worker_server`]).
+//! - [`negotiate()`]: protocol version and feature agreement, with an error that names every
+//!   difference.
+//! - [`weights_stream`]: chunking, checksums and resume for pushing a shard's tensors to a worker.
+//! - [`worker_server`] / [`connect`]: the service and client with message sizes bounded explicitly.
+
+pub mod negotiate;
+pub mod weights_stream;
+
+mod convert;
+
+pub use convert::UnknownName;
+
+pub use negotiate::{local_protocol, negotiate, Agreed, Difference, Incompatible};
+
+/// Generated code for the `baton.v1` package.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("baton.v1");
+}
+
+/// Largest gRPC message either side encodes or accepts. The biggest messages are weight chunks
+/// ([`weights_stream::MAX_CHUNK_BYTES`] plus a few bytes of framing); everything else is small.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The worker service with [`MAX_MESSAGE_BYTES`] applied in both directions.
+pub fn worker_server<T: pb::worker_server::Worker>(
+    service: T,
+) -> pb::worker_server::WorkerServer<T> {
+    pb::worker_server::WorkerServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A client over an established channel, with [`MAX_MESSAGE_BYTES`] applied in both directions.
+pub fn worker_client(
+    channel: tonic::transport::Channel,
+) -> pb::worker_client::WorkerClient<tonic::transport::Channel> {
+    pb::worker_client::WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Connects to a worker's control endpoint (`http://host:port`), giving up after `timeout`.
+/// No per-request deadline is set: `LoadShard` and `Health` streams last as long as they must.
+pub async fn connect(
+    endpoint: String,
+    timeout: std::time::Duration,
+) -> Result<pb::worker_client::WorkerClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .connect_timeout(timeout)
+        .connect()
+        .await?;
+    Ok(worker_client(channel))
+}
