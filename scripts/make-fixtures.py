@@ -23,6 +23,12 @@ Options: --only NAME[,NAME] to rebuild some model fixtures, --no-gguf, --no-real
 that need the real models), --sdist PATH (a local llama-cpp-python-0.3.36 sdist; its sha256 is
 still checked), --keep-temp.
 
+Optional cross-check with llama.cpp itself (writes tests/fixtures/llama_cpp_check.json and each
+model's llama_cpp_q8_0.safetensors; needs numpy + llama_cpp, not torch):
+    python3 -m venv /tmp/llama-venv
+    /tmp/llama-venv/bin/pip install llama-cpp-python==0.3.36    # compiles llama.cpp, ~20-40 min
+    /tmp/llama-venv/bin/python scripts/make-fixtures.py --verify-llama-cpp
+
 The converter: llama-cpp-python==0.3.36's sdist (pinned with its sha256 in
 scripts/fixtures-converter-requirements.txt) is downloaded with pip into a temporary directory
 and unpacked there; convert_hf_to_gguf.py runs from that directory with the sdist's own gguf-py.
@@ -557,6 +563,12 @@ def build_model_fixture(name, spec, hf_tok, out_root: Path, converter, do_gguf: 
     from safetensors.torch import save_file
 
     out = out_root / name
+    # llama.cpp's Q8_0 logits (written by --verify-llama-cpp) stay valid if the Q8_0 file comes
+    # out byte-identical; keep them in that case, drop them otherwise.
+    kept_lc = None
+    if (out / "llama_cpp_q8_0.safetensors").exists() and (out / "model-q8_0.gguf").exists():
+        kept_lc = (hashlib.sha256((out / "model-q8_0.gguf").read_bytes()).hexdigest(),
+                   (out / "llama_cpp_q8_0.safetensors").read_bytes())
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -658,6 +670,11 @@ def build_model_fixture(name, spec, hf_tok, out_root: Path, converter, do_gguf: 
                 gguf_info[outtype]["tensor_types"] = gguf_type_counts(dest)
             print(f"  gguf {outtype}: {'ok' if ok else 'FAILED'}", flush=True)
     ref["gguf"] = gguf_info
+    q8 = out / "model-q8_0.gguf"
+    if kept_lc and q8.exists() and hashlib.sha256(q8.read_bytes()).hexdigest() == kept_lc[0]:
+        (out / "llama_cpp_q8_0.safetensors").write_bytes(kept_lc[1])
+    elif kept_lc:
+        print("  model-q8_0.gguf changed: rerun --verify-llama-cpp for llama_cpp_q8_0.safetensors")
     (out / "reference.json").write_text(json.dumps(ref, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return ref
 
