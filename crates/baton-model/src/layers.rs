@@ -1,6 +1,7 @@
 //! Building blocks shared by the families: linear layers over quantized or dense weights,
 //! RMS norm, rotary embedding at per-token positions, grouped-query attention over a
-//! micro-batch of sequences, and the gated MLP.
+//! micro-batch of sequences, the gated MLP, and the decoder layer that combines them with the
+//! latent attention of [`crate::mla`] and the experts of [`crate::moe`].
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -8,6 +9,9 @@ use candle_nn::RmsNorm;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::kv_cache::SeqKv;
+use crate::mla::MlaAttention;
+use crate::moe::MoeBlock;
+use crate::profile::{self, Phase};
 use crate::weights::TensorStore;
 use crate::Result;
 
@@ -22,6 +26,10 @@ impl Names {
         Self {
             gguf: store.gguf().is_some(),
         }
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        self.gguf
     }
 
     pub fn embedding(&self) -> &'static str {
@@ -58,6 +66,12 @@ impl Names {
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
+            "attn_q_a" => "self_attn.q_a_proj",
+            "attn_q_a_norm" => "self_attn.q_a_layernorm",
+            "attn_q_b" => "self_attn.q_b_proj",
+            "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
+            "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
+            "attn_kv_b" => "self_attn.kv_b_proj",
             other => other,
         };
         format!("model.layers.{i}.{hf}.{suffix}")
@@ -112,6 +126,8 @@ pub fn rms_norm(store: &TensorStore, name: &str, dim: usize, eps: f64, device: &
 pub struct Rotary {
     inv_freq: Tensor,
     style: RopeStyle,
+    /// YaRN's magnitude correction of cos/sin; 1 otherwise.
+    attention_factor: f64,
 }
 
 impl Rotary {
@@ -121,6 +137,7 @@ impl Rotary {
         Ok(Self {
             inv_freq: Tensor::from_vec(inv, (1, n), device)?,
             style: cfg.rope_style,
+            attention_factor: cfg.rope_attention_factor(),
         })
     }
 
@@ -128,7 +145,11 @@ impl Rotary {
     pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let pos = positions.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        Ok((freqs.cos()?, freqs.sin()?))
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        if self.attention_factor == 1.0 {
+            return Ok((cos, sin));
+        }
+        Ok(((cos * self.attention_factor)?, (sin * self.attention_factor)?))
     }
 
     /// Applies the rotation to `x` of shape `[1, heads, T, d]`.
@@ -162,6 +183,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    scale: f64,
 }
 
 impl Attention {
@@ -185,6 +207,7 @@ impl Attention {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
+            scale: cfg.attention_scale(),
         })
     }
 
@@ -216,7 +239,7 @@ impl Attention {
         let q = rotary.apply(&q, cos, sin)?;
         let k = rotary.apply(&k, cos, sin)?;
 
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.scale;
         let n_rep = self.n_heads / self.n_kv_heads;
         let mut outs = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
@@ -244,7 +267,7 @@ impl Attention {
 
 /// Additive mask for `len` new queries attending to `total` keys, the last `len` of which are
 /// the queries' own positions.
-fn causal_mask(len: usize, total: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(len: usize, total: usize, device: &Device) -> Result<Tensor> {
     let past = total - len;
     let mask: Vec<f32> = (0..len)
         .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
@@ -261,6 +284,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    pub fn new(gate: Linear, up: Linear, down: Linear) -> Self {
+        Self { gate, up, down }
+    }
+
     pub fn load(store: &TensorStore, names: Names, cfg: &ModelConfig, i: usize, device: &Device) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         let lin = |role: &str, out: usize, inp: usize| {
@@ -281,23 +308,45 @@ impl Module for Mlp {
     }
 }
 
-/// One pre-norm decoder layer of the llama/qwen2/qwen3 families.
+/// A layer's attention: grouped-query, or DeepSeek's latent attention.
+#[derive(Debug, Clone)]
+enum Mixer {
+    Gqa(Attention),
+    Mla(MlaAttention),
+}
+
+/// A layer's feed-forward: dense, or routed through experts.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     attn_norm: RmsNorm,
-    attn: Attention,
+    attn: Mixer,
     ffn_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: FeedForward,
 }
 
 impl DecoderLayer {
     pub fn load(store: &TensorStore, names: Names, cfg: &ModelConfig, i: usize, device: &Device) -> Result<Self> {
         let norm = |role: &str| rms_norm(store, &names.layer(i, role, "weight"), cfg.hidden_size, cfg.rms_norm_eps, device);
+        let attn = match &cfg.mla {
+            Some(_) => Mixer::Mla(MlaAttention::load(store, names, cfg, i, device)?),
+            None => Mixer::Gqa(Attention::load(store, names, cfg, i, device)?),
+        };
+        let ffn = match &cfg.moe {
+            Some(moe) if moe.is_moe_layer(i) => FeedForward::Moe(MoeBlock::load(store, names, cfg, i, device)?),
+            _ => FeedForward::Dense(Mlp::load(store, names, cfg, i, device)?),
+        };
         Ok(Self {
             attn_norm: norm("attn_norm")?,
-            attn: Attention::load(store, names, cfg, i, device)?,
+            attn,
             ffn_norm: norm("ffn_norm")?,
-            mlp: Mlp::load(store, names, cfg, i, device)?,
+            ffn,
         })
     }
 
@@ -310,9 +359,24 @@ impl DecoderLayer {
         spans: &[SeqSpan],
         caches: &mut [&mut SeqKv],
     ) -> Result<Tensor> {
-        let h = self.attn.forward(&self.attn_norm.forward(x)?, rotary, cos, sin, spans, caches)?;
+        let timer = profile::start();
+        let normed = self.attn_norm.forward(x)?;
+        let h = match &self.attn {
+            Mixer::Gqa(a) => a.forward(&normed, rotary, cos, sin, spans, caches)?,
+            Mixer::Mla(a) => a.forward(&normed, rotary, cos, sin, spans, caches)?,
+        };
+        profile::record(Phase::Attention, timer);
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let normed = self.ffn_norm.forward(&x)?;
+        let h = match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                let timer = profile::start();
+                let h = mlp.forward(&normed)?;
+                profile::record(Phase::DenseMlp, timer);
+                h
+            }
+            FeedForward::Moe(moe) => moe.forward(&normed)?,
+        };
         Ok((x + h)?)
     }
 }
