@@ -30,6 +30,7 @@ fn gguf_f32_equals_safetensors_and_q8_0_is_close() {
         let q8 = open(&fixture(name).join("model-q8_0.gguf"));
         assert_eq!(f32.config().n_layers, st.config().n_layers);
         let (mut st, mut f32, mut q8) = (full_shard(&st), full_shard(&f32), full_shard(&q8));
+        let llama_cpp_q8 = reference_file(name, "llama_cpp_q8_0.safetensors");
         for (i, (ids, reference)) in reference(name).iter().enumerate() {
             let a = all_logits(&mut st, 0, ids);
             let b = all_logits(&mut f32, 0, ids);
@@ -42,6 +43,9 @@ fn gguf_f32_equals_safetensors_and_q8_0_is_close() {
             // measured 2.3-5.0 % of the largest logit on these random-weight fixtures.
             let err = rel_err(&c, reference);
             assert!(err < 8e-2, "{name} prompt {i}: GGUF-Q8_0 relative error {err}");
+            // llama.cpp running the same Q8_0 file rounds the same way: measured bit-identical.
+            let err = rel_err(&c, &llama_cpp_q8[i].1);
+            assert!(err < 1e-5, "{name} prompt {i}: GGUF-Q8_0 differs from llama.cpp's Q8_0 by {err}");
         }
     }
 }

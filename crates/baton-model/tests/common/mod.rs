@@ -27,8 +27,13 @@ pub fn real_model(file: &str) -> PathBuf {
 
 /// The reference prompts and transformers' logits for every position.
 pub fn reference(name: &str) -> Vec<(Vec<u32>, Tensor)> {
-    let path = fixture(name).join("reference.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("reference.safetensors");
+    reference_file(name, "reference.safetensors")
+}
+
+/// Prompts and logits from one of a fixture's reference files.
+pub fn reference_file(name: &str, file: &str) -> Vec<(Vec<u32>, Tensor)> {
+    let path = fixture(name).join(file);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (0..)
         .map_while(|i| {
             let ids = tensors.get(&format!("ids.{i}"))?;
