@@ -1,0 +1,625 @@
+//! The head: connects workers, places layers, loads shards, sets up the chain
+//! head (stage 0) → worker → … → last worker → head, and runs requests through it.
+//!
+//! Requests live in a table keyed by sequence id. A request task sends its micro-batches down the
+//! chain and waits for the token the last stage samples; one receiver task routes the Tokens
+//! frames coming back to the request they belong to. Several requests are in flight at once, so
+//! the stages work on different requests' micro-batches in parallel.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use baton_model::loader::ModelSource;
+use baton_model::pipeline::{even_split, WireDType};
+use baton_model::sampling::SamplingParams;
+use baton_model::shard::{SeqChunk, Shard};
+use baton_proto::pb::{self, worker_client::WorkerClient};
+use baton_transport::negotiate::{dial, Acceptor, NegotiateOptions, NegotiationReport, Preference};
+use baton_transport::{FrameKind, Link, LinkConfig};
+use baton_worker::service::{sampling_to_proto, wire_to_proto, worker_protocol};
+use baton_worker::stage::{run_blocking, sampled};
+use baton_worker::wire::{parse_failure, tokens_frame};
+use baton_worker::Stage;
+use candle_core::Device;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
+
+/// How long a worker may stay silent on its health stream before it is declared dead.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+const HEARTBEAT_INTERVAL_MS: u32 = 250;
+/// Control RPCs that must be quick (open/close sequence) give up after this.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("model: {0}")]
+    Model(#[from] baton_model::ModelError),
+    #[error("worker {worker}: {message}")]
+    Worker { worker: String, message: String },
+    #[error("link setup: {0}")]
+    Link(String),
+    #[error("{0}")]
+    Config(String),
+    /// The cluster lost a node or a link; no request can run until it is rebuilt.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    #[error("request failed: {0}")]
+    Request(String),
+}
+
+pub type Result<T> = std::result::Result<T, HeadError>;
+
+pub struct HeadConfig {
+    pub model: PathBuf,
+    /// Worker control endpoints, `host:port`, in stage order.
+    pub workers: Vec<String>,
+    pub key: baton_cluster::key::ClusterKey,
+    pub name: String,
+    pub id: String,
+    pub wire: WireDType,
+    pub preference: Preference,
+    /// Run stage 0 in this process (`--no-worker` turns it off).
+    pub local_stage: bool,
+    pub device: Device,
+    /// IP the head's data acceptor binds (the last stage connects back to it).
+    pub bind_ip: IpAddr,
+    pub status_path: Option<PathBuf>,
+    pub prefill_chunk: usize,
+}
+
+/// One request: prompt tokens, sampling, budget and the ids that end it.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    Done { finish: Finish, prompt_tokens: usize, generated: usize, prefill_s: f64, decode_tok_s: f64 },
+}
+
+struct WorkerHandle {
+    name: String,
+    endpoint: String,
+    client: WorkerClient<Channel>,
+    info: pb::NodeInfo,
+}
+
+/// What the receiver task hands a waiting request: the sampled token, or why there is none.
+type Step = std::result::Result<u32, String>;
+
+struct Inner {
+    local: Option<Arc<Mutex<Stage>>>,
+    workers: Vec<WorkerHandle>,
+    downstream: Arc<Link>,
+    requests: Mutex<Requests>,
+    next_seq: AtomicU64,
+    next_micro_batch: AtomicU64,
+    status: Mutex<ClusterStatus>,
+    status_path: Option<PathBuf>,
+    prefill_chunk: usize,
+}
+
+#[derive(Default)]
+struct Requests {
+    waiting: HashMap<u64, mpsc::Sender<Step>>,
+    /// Set once the cluster has lost a node or link; every later request fails with it.
+    failed: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Head {
+    inner: Arc<Inner>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The address a worker reports for its data listener, with an unspecified IP (bound to all
+/// interfaces) replaced by the IP the head reaches its control endpoint at.
+fn reachable(addr: &str, endpoint: &str) -> Result<SocketAddr> {
+    let mut a: SocketAddr = addr.parse().map_err(|e| HeadError::Link(format!("data address {addr}: {e}")))?;
+    if a.ip().is_unspecified() {
+        let host: SocketAddr = endpoint.parse().map_err(|e| HeadError::Link(format!("endpoint {endpoint}: {e}")))?;
+        a.set_ip(host.ip());
+    }
+    Ok(a)
+}
+
+/// The local IP that routes to `peer` (no packet is sent: connecting a UDP socket only routes).
+fn local_ip_towards(peer: SocketAddr) -> Option<IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
+}
+
+fn link_status(from: &str, to: &str, r: &NegotiationReport) -> LinkStatus {
+    LinkStatus {
+        from: from.into(),
+        to: to.into(),
+        transport: r.transport_name.clone(),
+        rtt_us: r.rtt_us,
+        rejected: r.rejected.iter().map(|x| format!("{}: {}", x.transport, x.reason)).collect(),
+    }
+}
+
+async fn hello(endpoint: &str, cfg: &HeadConfig) -> Result<WorkerHandle> {
+    let werr = |message: String| HeadError::Worker { worker: endpoint.to_string(), message };
+    let mut client = baton_proto::connect(format!("http://{endpoint}"), Duration::from_secs(5))
+        .await
+        .map_err(|e| werr(format!("cannot connect: {e}")))?;
+    let reply = client
+        .hello(pb::HelloRequest {
+            head_id: cfg.id.clone(),
+            head_name: cfg.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: Some(worker_protocol()),
+            cluster_id: cfg.key.cluster_id(),
+        })
+        .await
+        .map_err(|s| werr(format!("refused: {}", s.message())))?
+        .into_inner();
+    baton_proto::negotiate(&worker_protocol(), &reply.protocol.unwrap_or_default()).map_err(|e| werr(e.to_string()))?;
+    let info = reply.node.ok_or_else(|| werr("no node info in hello".into()))?;
+    Ok(WorkerHandle { name: info.name.clone(), endpoint: endpoint.to_string(), client, info })
+}
+
+/// Loads a shard on a worker, logging its progress, until the final manifest or error.
+async fn load_remote(w: &WorkerHandle, req: pb::LoadShardRequest) -> Result<pb::ShardManifest> {
+    let werr = |message: String| HeadError::Worker { worker: format!("{} ({})", w.name, w.endpoint), message };
+    let mut stream = w.client.clone().load_shard(req).await.map_err(|s| werr(s.message().to_string()))?.into_inner();
+    while let Some(p) = stream.next().await {
+        let p = p.map_err(|s| werr(format!("load stream: {}", s.message())))?;
+        tracing::info!("{}: {:?} {}", w.name, p.phase(), p.message);
+        match p.result {
+            Some(pb::load_progress::Result::Manifest(m)) => return Ok(m),
+            Some(pb::load_progress::Result::Error(e)) => return Err(werr(e)),
+            None => {}
+        }
+    }
+    Err(werr("load stream ended without a result".into()))
+}
+
+fn setup_request(link_id: &str, role: pb::LinkRole, peer: Option<SocketAddr>, cfg: &HeadConfig) -> pb::SetupLinkRequest {
+    let preference = match cfg.preference {
+        Preference::Auto => pb::TransportPreference::Auto,
+        Preference::Rdma => pb::TransportPreference::Rdma,
+        Preference::Quic => pb::TransportPreference::Quic,
+        Preference::Tcp => pb::TransportPreference::Tcp,
+    };
+    pb::SetupLinkRequest {
+        link_id: link_id.into(),
+        role: role as i32,
+        peer_addrs: peer.map(|p| vec![p.to_string()]).unwrap_or_default(),
+        peer_node_id: String::new(),
+        preference: preference as i32,
+        wire_dtype: wire_to_proto(cfg.wire) as i32,
+        timeout_ms: 15_000,
+    }
+}
+
+fn reply_status(from: &str, to: &str, r: &pb::SetupLinkReply) -> LinkStatus {
+    LinkStatus {
+        from: from.into(),
+        to: to.into(),
+        transport: pb::Transport::try_from(r.chosen).unwrap_or(pb::Transport::Unspecified).short_name().into(),
+        rtt_us: r.rtt_ns as f64 / 1000.0,
+        rejected: r
+            .rejected
+            .iter()
+            .map(|x| format!("{}: {}", pb::Transport::try_from(x.transport).unwrap_or(pb::Transport::Unspecified), x.reason))
+            .collect(),
+    }
+}
+
+impl Head {
+    /// Connects, plans, loads and links the whole chain; returns once it can serve.
+    pub async fn start(cfg: HeadConfig) -> Result<Head> {
+        if cfg.workers.is_empty() {
+            return Err(HeadError::Config("no workers: give at least one worker address".into()));
+        }
+        let source = ModelSource::open(&cfg.model)?;
+        let manifest = source.manifest();
+        let n_layers = source.config().n_layers;
+
+        let mut workers = Vec::new();
+        for endpoint in &cfg.workers {
+            let w = hello(endpoint, &cfg).await?;
+            tracing::info!("worker {} ({}) at {endpoint}: backend {}, {} MiB available", w.name, w.info.id, w.info.backend().short_name(), w.info.available_memory >> 20);
+            workers.push(w);
+        }
+
+        // Placement: contiguous ranges of (almost) equal layer counts, head first when it hosts
+        // stage 0. The memory-aware planner of baton-cluster is not wired in yet.
+        let n_stages = workers.len() + usize::from(cfg.local_stage);
+        let ranges = even_split(n_layers, n_stages)?;
+        let placement = format!("even split of {n_layers} layers over {n_stages} stages");
+        let (local_range, worker_ranges) = if cfg.local_stage { (Some(ranges[0].clone()), &ranges[1..]) } else { (None, &ranges[..]) };
+
+        let mut status = ClusterStatus {
+            head: cfg.name.clone(),
+            pid: std::process::id(),
+            model: cfg.model.display().to_string(),
+            wire_dtype: format!("{:?}", cfg.wire).to_lowercase(),
+            state: "starting".into(),
+            placement,
+            ..Default::default()
+        };
+        if let Some(r) = &local_range {
+            let (total, available) = baton_worker::sysinfo::memory();
+            status.nodes.push(NodeStatus { name: cfg.name.clone(), id: cfg.id.clone(), alive: true, backend: "head".into(), total_memory: total, available_memory: available, ..Default::default() });
+            status.stages.push(StageStatus { index: 0, node: cfg.name.clone(), layers: format!("{}..{}", r.start, r.end), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+        }
+        for (i, (w, r)) in workers.iter().zip(worker_ranges).enumerate() {
+            status.nodes.push(NodeStatus {
+                name: w.name.clone(),
+                id: w.info.id.clone(),
+                endpoint: w.endpoint.clone(),
+                alive: true,
+                backend: w.info.backend().short_name().into(),
+                total_memory: w.info.total_memory,
+                available_memory: w.info.available_memory,
+                ..Default::default()
+            });
+            status.stages.push(StageStatus { index: i + usize::from(cfg.local_stage), node: w.name.clone(), layers: format!("{}..{}", r.start, r.end), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+        }
+        if let Some(p) = &cfg.status_path {
+            let _ = status.write(p);
+        }
+
+        // Load every shard at once: the head's own on a blocking thread, the workers' remotely.
+        let local_load = local_range.clone().map(|r| {
+            let (path, device, wire) = (cfg.model.clone(), cfg.device.clone(), cfg.wire);
+            tokio::task::spawn_blocking(move || -> Result<Stage> {
+                let source = ModelSource::open(&path)?;
+                Ok(Stage::new(Shard::load(&source, r, &device)?, wire))
+            })
+        });
+        let mut remote = tokio::task::JoinSet::new();
+        for (i, (w, r)) in workers.iter().zip(worker_ranges).enumerate() {
+            let req = pb::LoadShardRequest {
+                model: Some(pb::ModelRef { path: cfg.model.display().to_string(), ..Default::default() }),
+                layers: Some(pb::LayerRange { start: r.start as u32, end: r.end as u32 }),
+                n_layers: n_layers as u32,
+                wire_dtype: wire_to_proto(cfg.wire) as i32,
+                kv: None,
+                allow_push: false,
+            };
+            let handle = WorkerHandle { name: w.name.clone(), endpoint: w.endpoint.clone(), client: w.client.clone(), info: w.info.clone() };
+            remote.spawn(async move { (i, load_remote(&handle, req).await) });
+        }
+        while let Some(done) = remote.join_next().await {
+            let (i, m) = done.map_err(|e| HeadError::Config(format!("load task: {e}")))?;
+            let m = m?;
+            tracing::info!("{}: layers {} loaded ({} MiB, {})", workers[i].name, m.layers.unwrap_or_default(), m.weight_bytes >> 20, m.source);
+        }
+        let local = match local_load {
+            Some(t) => Some(Arc::new(Mutex::new(t.await.map_err(|e| HeadError::Config(format!("load task: {e}")))??))),
+            None => None,
+        };
+
+        // Links, each set up with both ends negotiating at once: data flows from the end that
+        // connects to the end that accepts.
+        let link_cfg = LinkConfig::new(baton_transport::ClusterKey::from_bytes(cfg.key.as_bytes()).map_err(|e| HeadError::Config(format!("cluster key: {e}")))?);
+        let opts = NegotiateOptions { preference: cfg.preference, ..Default::default() };
+        let data: Vec<SocketAddr> = workers
+            .iter()
+            .map(|w| reachable(w.info.data_addrs.first().map(String::as_str).unwrap_or(""), &w.endpoint))
+            .collect::<Result<_>>()?;
+        let head_label = cfg.name.clone();
+
+        let mut first_client = workers[0].client.clone();
+        let (accepted, dialed) = tokio::join!(
+            first_client.setup_link(setup_request("head->0", pb::LinkRole::Accept, None, &cfg)),
+            dial(data[0], &link_cfg, &opts)
+        );
+        accepted.map_err(|s| HeadError::Link(format!("{} accepting from the head: {}", workers[0].name, s.message())))?;
+        let downstream = dialed.map_err(|e| HeadError::Link(format!("head to {}: {e}", workers[0].name)))?;
+        status.links.push(link_status(&head_label, &workers[0].name, &downstream.report));
+
+        for i in 0..workers.len() - 1 {
+            let (mut a, mut b) = (workers[i].client.clone(), workers[i + 1].client.clone());
+            let id = format!("{i}->{}", i + 1);
+            let (sent, acc) = tokio::join!(
+                a.setup_link(setup_request(&id, pb::LinkRole::Connect, Some(data[i + 1]), &cfg)),
+                b.setup_link(setup_request(&id, pb::LinkRole::Accept, None, &cfg))
+            );
+            acc.map_err(|s| HeadError::Link(format!("{} accepting from {}: {}", workers[i + 1].name, workers[i].name, s.message())))?;
+            let reply = sent.map_err(|s| HeadError::Link(format!("{} to {}: {}", workers[i].name, workers[i + 1].name, s.message())))?.into_inner();
+            status.links.push(reply_status(&workers[i].name, &workers[i + 1].name, &reply));
+        }
+
+        let last = workers.len() - 1;
+        let bind_ip = if cfg.bind_ip.is_unspecified() { local_ip_towards(data[last]).unwrap_or(cfg.bind_ip) } else { cfg.bind_ip };
+        let acceptor = Acceptor::bind(SocketAddr::new(bind_ip, 0), &link_cfg, &opts).await.map_err(|e| HeadError::Link(format!("head data listener: {e}")))?;
+        let head_data = acceptor.local_addr().map_err(|e| HeadError::Link(e.to_string()))?;
+        let mut last_client = workers[last].client.clone();
+        let (sent, acc) = tokio::join!(
+            last_client.setup_link(setup_request("last->head", pb::LinkRole::Connect, Some(head_data), &cfg)),
+            acceptor.accept()
+        );
+        let reply = sent.map_err(|s| HeadError::Link(format!("{} to the head: {}", workers[last].name, s.message())))?.into_inner();
+        let upstream = acc.map_err(|e| HeadError::Link(format!("head accepting from {}: {e}", workers[last].name)))?;
+        status.links.push(reply_status(&workers[last].name, &head_label, &reply));
+        tracing::info!("chain ready: {} stages, {}", n_stages, status.links.iter().map(|l| format!("{}→{} {} {:.0} µs", l.from, l.to, l.transport, l.rtt_us)).collect::<Vec<_>>().join(", "));
+
+        status.state = "serving".into();
+        let head = Head {
+            inner: Arc::new(Inner {
+                local,
+                workers,
+                downstream: Arc::new(downstream.link),
+                requests: Mutex::new(Requests::default()),
+                next_seq: AtomicU64::new(1),
+                next_micro_batch: AtomicU64::new(1),
+                status: Mutex::new(status),
+                status_path: cfg.status_path.clone(),
+                prefill_chunk: cfg.prefill_chunk.max(1),
+            }),
+        };
+        head.write_status();
+        tokio::spawn(head.clone().receive(Arc::new(upstream.link)));
+        for i in 0..head.inner.workers.len() {
+            tokio::spawn(head.clone().watch(i));
+        }
+        Ok(head)
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
+        if let Ok(mut s) = self.inner.status.lock() {
+            f(&mut s);
+            s.updated_unix_ms = unix_ms();
+        }
+        self.write_status();
+    }
+
+    fn write_status(&self) {
+        let Some(path) = &self.inner.status_path else { return };
+        let snapshot = self.status();
+        if let Err(e) = snapshot.write(path) {
+            tracing::warn!("writing {}: {e}", path.display());
+        }
+    }
+
+    /// Marks the cluster failed and ends every waiting request with `reason`.
+    fn fail_all(&self, reason: String) {
+        let waiting = match self.inner.requests.lock() {
+            Ok(mut r) => {
+                if r.failed.is_none() {
+                    r.failed = Some(reason.clone());
+                }
+                std::mem::take(&mut r.waiting)
+            }
+            Err(_) => return,
+        };
+        tracing::error!("{reason}; {} request(s) ended", waiting.len());
+        for tx in waiting.into_values() {
+            let _ = tx.try_send(Err(reason.clone()));
+        }
+        self.update_status(|s| s.state = format!("failed: {reason}"));
+    }
+
+    /// Routes what comes back from the last stage to the waiting requests.
+    async fn receive(self, upstream: Arc<Link>) {
+        loop {
+            let frame = match upstream.recv().await {
+                Ok(f) => f,
+                Err(e) => {
+                    self.fail_all(format!("the link from the last stage ended: {e}"));
+                    return;
+                }
+            };
+            let routes: Vec<(u64, Step)> = match frame.kind {
+                FrameKind::Tokens => sampled(&frame).into_iter().map(|(s, t)| (s.seq_id, Ok(t))).collect(),
+                FrameKind::Control => {
+                    let f = parse_failure(&frame);
+                    frame.seqs.iter().map(|s| (s.seq_id, Err(f.to_string()))).collect()
+                }
+                FrameKind::Hidden => {
+                    tracing::warn!("hidden states came back to the head; dropped");
+                    Vec::new()
+                }
+            };
+            let Ok(requests) = self.inner.requests.lock() else { return };
+            for (seq, step) in routes {
+                if let Some(tx) = requests.waiting.get(&seq) {
+                    let _ = tx.try_send(step);
+                }
+            }
+        }
+    }
+
+    /// Follows a worker's health stream; silence or a broken stream means the worker is gone.
+    async fn watch(self, i: usize) {
+        let w = &self.inner.workers[i];
+        let label = format!("worker {} ({})", w.name, w.endpoint);
+        let mut client = w.client.clone();
+        let why = match client.health(pb::HealthRequest { interval_ms: HEARTBEAT_INTERVAL_MS }).await {
+            Err(s) => format!("health stream refused: {}", s.message()),
+            Ok(r) => {
+                let mut stream = r.into_inner();
+                loop {
+                    match tokio::time::timeout(HEARTBEAT_TIMEOUT, stream.next()).await {
+                        Err(_) => break format!("no heartbeat for {HEARTBEAT_TIMEOUT:?}"),
+                        Ok(None) => break "health stream ended".to_string(),
+                        Ok(Some(Err(s))) => break format!("health stream broke: {}", s.message()),
+                        Ok(Some(Ok(beat))) => {
+                            let load = beat.load.unwrap_or_default();
+                            if let Ok(mut s) = self.inner.status.lock() {
+                                if let Some(n) = s.nodes.iter_mut().find(|n| n.endpoint == w.endpoint) {
+                                    n.available_memory = load.available_memory;
+                                    n.kv_bytes = load.kv_bytes_used;
+                                    n.active_sequences = load.active_sequences;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let endpoint = w.endpoint.clone();
+        self.update_status(|s| {
+            if let Some(n) = s.nodes.iter_mut().find(|n| n.endpoint == endpoint) {
+                n.alive = false;
+                n.detail = why.clone();
+            }
+        });
+        self.fail_all(format!("{label} is gone ({why})"));
+    }
+
+    /// Starts a request; its events arrive on the returned channel, ending with `Done` or an error.
+    pub fn generate(&self, req: GenerateRequest) -> mpsc::Receiver<Result<Event>> {
+        let (tx, rx) = mpsc::channel(64);
+        let head = self.clone();
+        tokio::spawn(async move {
+            let seq = head.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+            let result = head.run_request(seq, &req, &tx).await;
+            // The outcome goes out first: closing on a worker that hangs must not delay it.
+            let _ = tx.send(result).await;
+            head.close_everywhere(seq).await;
+        });
+        rx
+    }
+
+    async fn run_request(&self, seq: u64, req: &GenerateRequest, events: &mpsc::Sender<Result<Event>>) -> Result<Event> {
+        if req.prompt.is_empty() {
+            return Err(HeadError::Request("the prompt has no tokens".into()));
+        }
+        let (tx, mut steps) = mpsc::channel::<Step>(4);
+        {
+            let mut r = self.inner.requests.lock().map_err(|_| HeadError::Request("request table poisoned".into()))?;
+            if let Some(why) = &r.failed {
+                return Err(HeadError::Unavailable(why.clone()));
+            }
+            r.waiting.insert(seq, tx);
+        }
+        self.open_everywhere(seq, req).await?;
+
+        let started = Instant::now();
+        for (i, part) in req.prompt.chunks(self.inner.prefill_chunk).enumerate() {
+            self.submit(seq, i * self.inner.prefill_chunk, part).await?;
+        }
+        let mut generated = 0usize;
+        let mut prefill_s = 0.0;
+        let mut decode_start = Instant::now();
+        let finish = loop {
+            let token = match steps.recv().await {
+                Some(Ok(t)) => t,
+                Some(Err(why)) => return Err(HeadError::Request(why)),
+                None => return Err(HeadError::Request("the request table dropped this request".into())),
+            };
+            if generated == 0 {
+                prefill_s = started.elapsed().as_secs_f64();
+                decode_start = Instant::now();
+            }
+            if req.stop_ids.contains(&token) {
+                break Finish::Stop;
+            }
+            generated += 1;
+            if events.send(Ok(Event::Token(token))).await.is_err() {
+                return Err(HeadError::Request("the client went away".into()));
+            }
+            if generated >= req.max_tokens {
+                break Finish::Length;
+            }
+            self.submit(seq, req.prompt.len() + generated - 1, &[token]).await?;
+        };
+        let decode_tok_s = generated.saturating_sub(1) as f64 / decode_start.elapsed().as_secs_f64().max(1e-9);
+        self.update_status(|s| {
+            s.tokens_generated += generated as u64;
+            s.last_decode_tok_s = decode_tok_s;
+        });
+        Ok(Event::Done { finish, prompt_tokens: req.prompt.len(), generated, prefill_s, decode_tok_s })
+    }
+
+    /// Sends one sequence's chunk down the chain, through the local stage 0 when there is one.
+    async fn submit(&self, seq: u64, start_pos: usize, tokens: &[u32]) -> Result<()> {
+        let mb = self.inner.next_micro_batch.fetch_add(1, Ordering::Relaxed);
+        let chunk = [SeqChunk { seq_id: seq, start_pos, n_tokens: tokens.len() }];
+        let frame = tokens_frame(mb, &chunk, tokens).map_err(|e| HeadError::Request(e.to_string()))?;
+        let frame = match &self.inner.local {
+            Some(stage) => match run_blocking(stage.clone(), frame).await {
+                Some(f) if f.kind == FrameKind::Control => return Err(HeadError::Request(parse_failure(&f).to_string())),
+                Some(f) => f,
+                None => return Err(HeadError::Request("stage 0 produced nothing".into())),
+            },
+            None => frame,
+        };
+        self.inner.downstream.send(&frame).await.map_err(|e| {
+            let why = format!("the link to the first worker failed: {e}");
+            self.fail_all(why.clone());
+            HeadError::Unavailable(why)
+        })
+    }
+
+    async fn open_everywhere(&self, seq: u64, req: &GenerateRequest) -> Result<()> {
+        if let Some(stage) = &self.inner.local {
+            stage
+                .lock()
+                .map_err(|_| HeadError::Request("stage 0 poisoned".into()))?
+                .open_sequence(seq, Some((req.sampling.clone(), &req.prompt)))
+                .map_err(|e| HeadError::Request(e.to_string()))?;
+        }
+        let open = pb::OpenSequenceRequest { sequence_id: seq, sampling: Some(sampling_to_proto(&req.sampling)), prompt_tokens: req.prompt.clone() };
+        for w in &self.inner.workers {
+            let mut client = w.client.clone();
+            let call = client.open_sequence(open.clone());
+            match tokio::time::timeout(RPC_TIMEOUT, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => return Err(HeadError::Worker { worker: w.name.clone(), message: format!("open sequence: {}", s.message()) }),
+                Err(_) => return Err(HeadError::Worker { worker: w.name.clone(), message: "open sequence timed out".into() }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the sequence on every stage that still answers, and drops it from the table.
+    async fn close_everywhere(&self, seq: u64) {
+        if let Ok(mut r) = self.inner.requests.lock() {
+            r.waiting.remove(&seq);
+        }
+        if let Some(stage) = &self.inner.local {
+            if let Ok(mut s) = stage.lock() {
+                s.close_sequence(seq);
+            }
+        }
+        for w in &self.inner.workers {
+            let mut client = w.client.clone();
+            let call = client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq });
+            let _ = tokio::time::timeout(RPC_TIMEOUT, call).await;
+        }
+    }
+
+    /// Asks every worker to shut down (used when the head owns its workers' lifetime).
+    pub async fn shutdown_workers(&self, reason: &str) {
+        for w in &self.inner.workers {
+            let mut client = w.client.clone();
+            let call = client.shutdown(pb::ShutdownRequest { reason: reason.into() });
+            let _ = tokio::time::timeout(Duration::from_secs(1), call).await;
+        }
+    }
+}

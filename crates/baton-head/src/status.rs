@@ -1,0 +1,74 @@
+//! What `baton status` shows: the head writes a snapshot of its cluster to the state directory on
+//! every change (nodes joining or going, links set up, requests finishing).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub const STATUS_FILE: &str = "head-status.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub head: String,
+    pub pid: u32,
+    pub model: String,
+    pub wire_dtype: String,
+    /// `starting`, `serving`, or `failed: <why>`.
+    pub state: String,
+    pub updated_unix_ms: u64,
+    /// How the layers were placed (planner or even split) and why.
+    pub placement: String,
+    pub nodes: Vec<NodeStatus>,
+    pub stages: Vec<StageStatus>,
+    pub links: Vec<LinkStatus>,
+    pub tokens_generated: u64,
+    /// Decode speed of the last finished request.
+    pub last_decode_tok_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub id: String,
+    /// Control endpoint, `host:port`; empty for the head itself.
+    pub endpoint: String,
+    pub alive: bool,
+    /// Why a node is gone; empty while alive.
+    pub detail: String,
+    pub backend: String,
+    pub total_memory: u64,
+    pub available_memory: u64,
+    pub kv_bytes: u64,
+    pub active_sequences: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub index: usize,
+    pub node: String,
+    pub layers: String,
+    pub weight_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub from: String,
+    pub to: String,
+    pub transport: String,
+    pub rtt_us: f64,
+    /// Transports not chosen, with why.
+    pub rejected: Vec<String>,
+}
+
+impl ClusterStatus {
+    /// Writes the snapshot atomically (temporary file + rename), so a reader never sees half.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn read(path: &Path) -> std::io::Result<Self> {
+        serde_json::from_slice(&std::fs::read(path)?).map_err(std::io::Error::other)
+    }
+}
