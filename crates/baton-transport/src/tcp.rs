@@ -1,6 +1,7 @@
 //! TCP links: NODELAY, keepalive, length-delimited records with a MAC (or AEAD) per record.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,7 +22,8 @@ pub(crate) fn tune(stream: &TcpStream, cfg: &LinkConfig) -> std::io::Result<()> 
     let s = SockRef::from(stream);
     s.set_send_buffer_size(SOCKET_BUFFER)?;
     s.set_recv_buffer_size(SOCKET_BUFFER)?;
-    let probe = cfg.dead_peer_timeout / 4;
+    // Keepalive counts whole seconds.
+    let probe = (cfg.dead_peer_timeout / 4).max(Duration::from_secs(1));
     s.set_tcp_keepalive(&TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(3))?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     s.set_tcp_user_timeout(Some(cfg.dead_peer_timeout))?;
