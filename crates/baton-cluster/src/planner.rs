@@ -571,7 +571,7 @@ fn manual_stages(
 /// The exact search: `(node, start, end)` per stage, or `None` when nothing fits.
 fn search(costs: &Costs<'_>, opts: &PlanOptions) -> Option<Vec<(usize, usize, usize)>> {
     let (n_nodes, n_layers) = (costs.nodes.len(), costs.n_layers());
-    let may_skip = |j: usize| !opts.use_all_nodes && !(opts.pin_first && j == 0);
+    let may_skip = |j: usize| !(opts.use_all_nodes || opts.pin_first && j == 0);
 
     // Phase 1: best[j][i] = least bottleneck placing layers [0, i) on nodes [0, j).
     let mut best: Vec<Vec<Option<Time>>> = vec![vec![None; n_layers + 1]; n_nodes + 1];
@@ -579,8 +579,8 @@ fn search(costs: &Costs<'_>, opts: &PlanOptions) -> Option<Vec<(usize, usize, us
     for j in 0..n_nodes {
         for i in 0..=n_layers {
             let mut cell = if may_skip(j) { best[j][i] } else { None };
-            for k in 0..i {
-                let Some(prev) = best[j][k] else { continue };
+            for (k, prev) in best[j][..i].iter().enumerate() {
+                let Some(prev) = *prev else { continue };
                 if costs.fits(j, k, i) {
                     let t = prev.max(costs.time(j, k, i));
                     if cell.is_none_or(|c| t < c) {
@@ -616,8 +616,8 @@ fn search(costs: &Costs<'_>, opts: &PlanOptions) -> Option<Vec<(usize, usize, us
             } else {
                 None
             };
-            for k in 0..i {
-                let Some(prev) = cells[j][k] else { continue };
+            for (k, prev) in cells[j][..i].iter().enumerate() {
+                let Some(prev) = *prev else { continue };
                 if costs.fits(j, k, i) && costs.time(j, k, i) <= bound {
                     let cand = Cell {
                         stages: prev.stages + 1,

@@ -204,7 +204,7 @@ impl Receiver {
             });
         }
         let len = data.len() as u64;
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         if end > info.size {
             return Err(StreamError::Overflow {
                 name: name(),

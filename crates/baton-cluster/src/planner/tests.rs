@@ -76,7 +76,7 @@ fn brute_force(
             }
             return;
         }
-        let may_skip = !opts.use_all_nodes && !(opts.pin_first && j == 0);
+        let may_skip = !(opts.use_all_nodes || opts.pin_first && j == 0);
         if may_skip {
             walk(costs, opts, j + 1, i, acc, best);
         }
