@@ -6,9 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
@@ -127,6 +129,51 @@ impl TensorStore {
             TensorStore::Safetensors(_) => {
                 let t = self.dense(name, shape, device)?;
                 Ok(Arc::new(QTensor::quantize(&t, GgmlDType::F32)?))
+            }
+        }
+    }
+
+    /// One weight matrix per slice of a stacked `[n, out, in]` tensor (llama.cpp's `*_exps`
+    /// experts). From GGUF each slice's bytes are read from the file as stored, so quantized
+    /// experts stay quantized and nothing outside the tensor is read.
+    pub fn stacked_matmuls(&self, name: &str, shape: [usize; 3], device: &Device) -> Result<Vec<QMatMul>> {
+        let [n, out, inp] = shape;
+        match self {
+            TensorStore::Gguf(g) => {
+                let (part, info) = g.info(name).ok_or_else(|| self.missing(name))?;
+                Self::check_shape(name, info.shape.dims(), &shape)?;
+                let dtype = info.ggml_dtype;
+                let format_err = |reason: String| ModelError::Format {
+                    path: part.path.clone(),
+                    format: "GGUF",
+                    reason: format!("tensor `{name}`: {reason}"),
+                };
+                if (out * inp) % dtype.block_size() != 0 {
+                    return Err(format_err(format!(
+                        "a {out}x{inp} slice is not a whole number of {dtype:?} blocks"
+                    )));
+                }
+                let slice_bytes = out * inp / dtype.block_size() * dtype.type_size();
+                let io = |source| ModelError::Io {
+                    path: part.path.clone(),
+                    source,
+                };
+                let mut file = File::open(&part.path).map_err(io)?;
+                file.seek(SeekFrom::Start(part.content.tensor_data_offset + info.offset))
+                    .map_err(io)?;
+                let mut buf = vec![0u8; slice_bytes];
+                (0..n)
+                    .map(|_| {
+                        file.read_exact(&mut buf).map_err(io)?;
+                        let q = qtensor_from_ggml(dtype, &buf, vec![out, inp], device)
+                            .map_err(|e| format_err(e.to_string()))?;
+                        Ok(QMatMul::from_arc(Arc::new(q))?)
+                    })
+                    .collect()
+            }
+            TensorStore::Safetensors(_) => {
+                let t = self.dense(name, &shape, device)?;
+                (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
             }
         }
     }
