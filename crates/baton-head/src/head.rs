@@ -614,6 +614,11 @@ impl Head {
         }
     }
 
+    /// Records that the head is exiting, so `baton status` does not show a stale cluster as serving.
+    pub fn mark_stopped(&self) {
+        self.update_status(|s| s.state = "stopped".into());
+    }
+
     /// Asks every worker to shut down (used when the head owns its workers' lifetime).
     pub async fn shutdown_workers(&self, reason: &str) {
         for w in &self.inner.workers {
