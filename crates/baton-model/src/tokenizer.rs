@@ -58,7 +58,6 @@ pub const END_OF_TURN_TOKENS: &[&str] = &[
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const DEEPSEEK_V3_REGEX: &str = r"[!\x22#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const DEEPSEEK_LLM_LETTERS: &str = r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+";
 
 /// How a byte-level BPE vocabulary's `tokenizer.ggml.pre` is applied before the byte mapping.
 struct PreTokenizer {
@@ -123,21 +122,6 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
     PreTokenizer {
         names: &["deepseek-v3"],
         splits: &[r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK_V3_REGEX],
-        gpt2_regex: false,
-        nfc: false,
-        ignore_merges: false,
-        add_bos: false,
-    },
-    PreTokenizer {
-        names: &["deepseek-llm"],
-        splits: &[
-            r"[\r\n]",
-            DEEPSEEK_LLM_LETTERS,
-            r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
-            r"\s+$",
-            r"[一-龥ࠀ-一가-퟿]+",
-            r"\p{N}+",
-        ],
         gpt2_regex: false,
         nfc: false,
         ignore_merges: false,
@@ -991,9 +975,9 @@ mod tests {
         assert_eq!(s.push("Hello </an").text, "Hello ");
         assert_eq!(s.push("swer? no").text, "</answer? no");
         let c = s.push(" ST");
-        assert_eq!((c.text.as_str(), c.stopped), ("", false));
+        assert_eq!((c.text.as_str(), c.stopped), (" ", false));
         let c = s.push("OP and more");
-        assert_eq!((c.text.as_str(), c.stopped), (" ", true));
+        assert_eq!((c.text.as_str(), c.stopped), ("", true));
         assert!(s.push("x").stopped);
         let mut s = StopStrings::new(["ab"]);
         assert_eq!(s.push("xa").text, "x");
