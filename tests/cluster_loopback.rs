@@ -173,7 +173,7 @@ fn killed_worker_ends_the_request_and_the_head_stays_up() {
     let Some(model) = model() else { return };
     let mut serve = Serve::start(2, &model);
     let pids = serve.worker_pids(2, Duration::from_secs(60));
-    serve.send(serde_json::json!({"prompt": "Tell me a very long story.", "max_tokens": 4000, "stream": true}));
+    serve.send(serde_json::json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "stream": true}));
     let first = serve.next(Duration::from_secs(120));
     assert!(first.get("token").is_some(), "expected a streamed token, got {first}");
 

@@ -31,9 +31,14 @@ use tonic::transport::Channel;
 
 use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
 
-/// How long a worker may stay silent on its health stream before it is declared dead.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker may stay silent on its health stream before it is declared dead (a host
+/// that vanished); a killed process breaks the stream at once. Generous, because a CPU-starved
+/// but healthy worker must not be declared dead.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 const HEARTBEAT_INTERVAL_MS: u32 = 250;
+/// A lost link is reported after this pause, so that a health watcher that saw the node die
+/// names it first (the link error alone only says which hop broke).
+const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
 /// Control RPCs that must be quick (open/close sequence) give up after this.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -405,22 +410,31 @@ impl Head {
         }
     }
 
-    /// Marks the cluster failed and ends every waiting request with `reason`.
-    fn fail_all(&self, reason: String) {
-        let waiting = match self.inner.requests.lock() {
+    /// Marks the cluster failed (the first reason sticks) and ends every waiting request with it;
+    /// returns the reason that stuck.
+    fn fail_all(&self, reason: String) -> String {
+        let (newly, reason, waiting) = match self.inner.requests.lock() {
             Ok(mut r) => {
-                if r.failed.is_none() {
-                    r.failed = Some(reason.clone());
-                }
-                std::mem::take(&mut r.waiting)
+                let newly = r.failed.is_none();
+                let reason = r.failed.get_or_insert(reason).clone();
+                (newly, reason, std::mem::take(&mut r.waiting))
             }
-            Err(_) => return,
+            Err(_) => return reason,
         };
         tracing::error!("{reason}; {} request(s) ended", waiting.len());
         for tx in waiting.into_values() {
             let _ = tx.try_send(Err(reason.clone()));
         }
-        self.update_status(|s| s.state = format!("failed: {reason}"));
+        if newly {
+            self.update_status(|s| s.state = format!("failed: {reason}"));
+        }
+        reason
+    }
+
+    /// [`Self::fail_all`] for a broken link, after [`LINK_LOSS_GRACE`].
+    async fn fail_link(&self, why: String) -> String {
+        tokio::time::sleep(LINK_LOSS_GRACE).await;
+        self.fail_all(why)
     }
 
     /// Routes what comes back from the last stage to the waiting requests.
@@ -429,7 +443,7 @@ impl Head {
             let frame = match upstream.recv().await {
                 Ok(f) => f,
                 Err(e) => {
-                    self.fail_all(format!("the link from the last stage ended: {e}"));
+                    self.fail_link(format!("the link from the last stage ended: {e}")).await;
                     return;
                 }
             };
@@ -569,11 +583,11 @@ impl Head {
             },
             None => frame,
         };
-        self.inner.downstream.send(&frame).await.map_err(|e| {
-            let why = format!("the link to the first worker failed: {e}");
-            self.fail_all(why.clone());
-            HeadError::Unavailable(why)
-        })
+        if let Err(e) = self.inner.downstream.send(&frame).await {
+            let why = self.fail_link(format!("the link to the first worker failed: {e}")).await;
+            return Err(HeadError::Unavailable(why));
+        }
+        Ok(())
     }
 
     async fn open_everywhere(&self, seq: u64, req: &GenerateRequest) -> Result<()> {

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,6 +64,9 @@ struct Inner {
     stage: Mutex<Option<Arc<Mutex<Stage>>>>,
     links: Mutex<Links>,
     state: AtomicU8,
+    /// Last figures read from the stage, for heartbeats taken while it computes.
+    kv_bytes: AtomicU64,
+    active: AtomicU32,
     started: Instant,
     shutdown: Arc<Notify>,
 }
@@ -88,6 +91,8 @@ impl WorkerService {
                 stage: Mutex::new(None),
                 links: Mutex::new(Links::default()),
                 state: AtomicU8::new(STATE_IDLE),
+                kv_bytes: AtomicU64::new(0),
+                active: AtomicU32::new(0),
                 started: Instant::now(),
                 shutdown,
             }),
@@ -118,13 +123,12 @@ impl WorkerService {
 
     fn load(&self) -> pb::NodeLoad {
         let (_, available) = crate::sysinfo::memory();
-        let (kv, active) = match self.stage().ok().flatten() {
-            Some(s) => match s.lock() {
-                Ok(s) => (s.shard().kv_bytes(), s.shard().open_sequences() as u32),
-                Err(_) => (0, 0),
-            },
-            None => (0, 0),
-        };
+        // Never wait for the stage: a heartbeat stuck behind a long forward would look like death.
+        if let Some(Ok(s)) = self.stage().ok().flatten().as_ref().map(|s| s.try_lock()) {
+            self.inner.kv_bytes.store(s.shard().kv_bytes(), Ordering::Relaxed);
+            self.inner.active.store(s.shard().open_sequences() as u32, Ordering::Relaxed);
+        }
+        let (kv, active) = (self.inner.kv_bytes.load(Ordering::Relaxed), self.inner.active.load(Ordering::Relaxed));
         let state = match self.inner.state.load(Ordering::Relaxed) {
             STATE_LOADING => pb::NodeState::Loading,
             STATE_SERVING => pb::NodeState::Serving,
