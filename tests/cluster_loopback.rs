@@ -9,7 +9,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
-const MAX_TOKENS: usize = 16;
+const MAX_TOKENS: usize = 12;
 const PROMPTS: [&str; 5] = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -148,7 +148,8 @@ fn same_tokens_as_single_process(workers: usize) {
     }
     let mut got = vec![String::new(); PROMPTS.len()];
     for _ in PROMPTS {
-        let v = serve.next(Duration::from_secs(120));
+        // Generous: a loaded CI machine shares its cores between the head and every worker.
+        let v = serve.next(Duration::from_secs(300));
         assert!(v.get("error").is_none(), "request failed: {v}");
         got[v["id"].as_u64().unwrap() as usize] = v["text"].as_str().unwrap().to_string();
     }
