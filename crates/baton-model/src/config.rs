@@ -159,7 +159,7 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether layer `i` routes its feed-forward through experts.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        i >= self.first_dense && (i + 1) % self.sparse_step.max(1) == 0 && !self.dense_layers.contains(&i)
+        i >= self.first_dense && (i + 1).is_multiple_of(self.sparse_step.max(1)) && !self.dense_layers.contains(&i)
     }
 }
 
@@ -238,7 +238,7 @@ impl ModelConfig {
                 || moe.n_experts_used > moe.n_experts
                 || moe.expert_ff == 0
                 || moe.n_group == 0
-                || moe.n_experts % moe.n_group != 0
+                || !moe.n_experts.is_multiple_of(moe.n_group)
                 || moe.topk_group == 0
                 || moe.topk_group > moe.n_group
                 || moe.n_experts_used > moe.topk_group * (moe.n_experts / moe.n_group)
@@ -297,7 +297,7 @@ impl ModelConfig {
             Some(m) => m.qk_rope_head_dim,
             None => raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
         };
-        let moe = raw.moe_config(family).map_err(|key| missing(key))?;
+        let moe = raw.moe_config(family).map_err(missing)?;
         let rope_scaling = match raw.rope_scaling {
             None => None,
             Some(s) => match s.rope_type.as_deref().or(s.r#type.as_deref()) {

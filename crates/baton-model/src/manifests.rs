@@ -144,7 +144,7 @@ impl Ty {
 
 /// llama.cpp's `use_more_bits`: the layers whose `ffn_down` Q4_K_M stores as Q6_K.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The Q4_K_M manifest of an MLA + MoE model from its published shape.
