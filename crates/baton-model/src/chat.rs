@@ -93,9 +93,12 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| strftime(&fmt, unix_now()));
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(template_error)?;
@@ -150,7 +153,11 @@ impl ChatTemplate {
 
 /// HF's `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)`, the options given by position or by name.
-fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
+fn tojson(
+    value: Value,
+    args: Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
     const NAMES: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
     if args.len() > NAMES.len() {
         return Err(minijinja::Error::new(
@@ -160,7 +167,9 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Resul
     }
     let arg = |i: usize| -> std::result::Result<Value, minijinja::Error> {
         let named: Option<Value> = kwargs.get(NAMES[i])?;
-        Ok(named.or_else(|| args.get(i).cloned()).unwrap_or(Value::from(())))
+        Ok(named
+            .or_else(|| args.get(i).cloned())
+            .unwrap_or(Value::from(())))
     };
     let ensure_ascii = arg(0)?.is_true();
     let indent = match arg(1)? {
@@ -169,7 +178,10 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Resul
             Some(s) => s.to_string(),
             None => {
                 let n = v.as_i64().ok_or_else(|| {
-                    minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an integer or a string",
+                    )
                 })?;
                 " ".repeat(n.max(0) as usize)
             }
@@ -187,7 +199,10 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Resul
                 .collect::<Option<_>>()
                 .filter(|p: &Vec<String>| p.len() == 2)
                 .ok_or_else(|| {
-                    minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be two strings",
+                    )
                 })?;
             (parts[0].clone(), parts[1].clone())
         }
@@ -222,7 +237,12 @@ fn json_error(what: &str) -> minijinja::Error {
 }
 
 /// Writes `v` as Python's `json.dumps` would.
-fn write_json(v: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+fn write_json(
+    v: &Value,
+    o: &JsonOpts,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     match v.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -238,7 +258,9 @@ fn write_json(v: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::r
         ValueKind::String => write_json_str(v.as_str().unwrap_or_default(), o.ensure_ascii, out),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
-            write_container(out, o, depth, '[', ']', &items, |item, out| write_json(item, o, depth + 1, out))?;
+            write_container(out, o, depth, '[', ']', &items, |item, out| {
+                write_json(item, o, depth + 1, out)
+            })?;
         }
         ValueKind::Map => {
             let mut entries = Vec::new();
@@ -247,7 +269,11 @@ fn write_json(v: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::r
                 let key = match key.as_str() {
                     Some(s) => s.to_string(),
                     // Python turns scalar keys into their JSON text ("1", "true", "null").
-                    None if matches!(key.kind(), ValueKind::Number | ValueKind::Bool | ValueKind::None) => {
+                    None if matches!(
+                        key.kind(),
+                        ValueKind::Number | ValueKind::Bool | ValueKind::None
+                    ) =>
+                    {
                         let mut s = String::new();
                         write_json(&key, o, depth, &mut s)?;
                         s
@@ -357,7 +383,11 @@ fn py_float(x: f64) -> String {
         format!("{sign}{body}")
     } else {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
     }
@@ -395,11 +425,27 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
 ];
 
 /// Python's `datetime.strftime` (C locale) for the directives chat templates use, with glibc's
@@ -495,7 +541,10 @@ mod tests {
         let t = 1_721_999_109;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(strftime("%Y-%m-%d %H:%M:%S", t), "2024-07-26 13:05:09");
-        assert_eq!(strftime("%A %a %B %j %p %I %y %%", t), "Friday Fri July 208 PM 01 24 %");
+        assert_eq!(
+            strftime("%A %a %B %j %p %I %y %%", t),
+            "Friday Fri July 208 PM 01 24 %"
+        );
         assert_eq!(strftime("%-d/%-m %e %Q", 1_704_153_600), "2/1  2 %Q"); // 2024-01-02
         assert_eq!(strftime("%j", 1_704_067_200), "001"); // 2024-01-01
         assert_eq!(strftime("%j", 1_735_603_200), "366"); // 2024-12-31

@@ -158,7 +158,10 @@ impl SamplingParams {
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad(
                 "repetition_penalty",
-                format!("must be a finite number > 0, got {}", self.repetition_penalty),
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.repetition_penalty
+                ),
             );
         }
         for (field, v) in [
@@ -172,14 +175,19 @@ impl SamplingParams {
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return bad(
                 "top_logprobs",
-                format!("must be at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs),
+                format!(
+                    "must be at most {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
             );
         }
         Ok(())
     }
 
     fn penalises(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 }
 
@@ -253,7 +261,10 @@ impl Sampler {
         let lse = log_sum_exp(&row)?;
         let top_logprobs = if self.params.top_logprobs > 0 {
             top_n(&row, self.params.top_logprobs, &mut self.candidates);
-            self.candidates.iter().map(|&(l, id)| (id, l - lse)).collect()
+            self.candidates
+                .iter()
+                .map(|&(l, id)| (id, l - lse))
+                .collect()
         } else {
             Vec::new()
         };
@@ -325,7 +336,10 @@ impl Sampler {
 
         if top_k.is_none() && top_p.is_none() && min_p.is_none() {
             let total: f64 = row.iter().map(|&l| weight(l)).sum();
-            return Ok(pick(row.iter().enumerate().map(|(i, &l)| (i as u32, weight(l))), u * total));
+            return Ok(pick(
+                row.iter().enumerate().map(|(i, &l)| (i as u32, weight(l))),
+                u * total,
+            ));
         }
 
         // Candidates, then the normaliser top-p uses: the top-k mass, or the whole vocabulary's.
@@ -400,7 +414,10 @@ fn logits_row(logits: &Tensor) -> Result<Vec<f32>> {
             "expected logits of shape [vocab] or [1, vocab], got {dims:?}"
         )));
     }
-    Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    Ok(logits
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
 }
 
 /// `log(sum(exp(row)))`, rejecting rows no distribution can come from.

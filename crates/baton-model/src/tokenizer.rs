@@ -31,8 +31,8 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace, NFC};
 use tokenizers::normalizers::{NormalizerWrapper, Sequence as NormalizerSequence};
+use tokenizers::normalizers::{Prepend, Replace, NFC};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -80,7 +80,15 @@ struct PreTokenizer {
 /// pre-tokenization as the HF `tokenizer.json` of the models they name and as llama.cpp.
 const PRE_TOKENIZERS: &[PreTokenizer] = &[
     PreTokenizer {
-        names: &["gpt2", "gpt-2", "phi-2", "roberta-bpe", "mpt", "olmo", "jais"],
+        names: &[
+            "gpt2",
+            "gpt-2",
+            "phi-2",
+            "roberta-bpe",
+            "mpt",
+            "olmo",
+            "jais",
+        ],
         splits: &[],
         gpt2_regex: true,
         nfc: false,
@@ -88,7 +96,14 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
         add_bos: false,
     },
     PreTokenizer {
-        names: &["smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"],
+        names: &[
+            "smollm",
+            "starcoder",
+            "refact",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+        ],
         splits: &[r"\p{N}"],
         gpt2_regex: true,
         nfc: false,
@@ -244,13 +259,14 @@ impl Tokenizer {
             path: path.clone(),
             source,
         })?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| tok_err(path.display(), e))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path.display(), e))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Json::Null);
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
 
-        let special = |key: &str| token_text(config.get(key)).or_else(|| token_text(special_map.get(key)));
+        let special =
+            |key: &str| token_text(config.get(key)).or_else(|| token_text(special_map.get(key)));
         let bos_token = special("bos_token");
         let eos_token = special("eos_token");
 
@@ -260,18 +276,32 @@ impl Tokenizer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 default_template(config.get("chat_template"))
             }
-            Err(source) => return Err(ModelError::Io { path: jinja, source }),
+            Err(source) => {
+                return Err(ModelError::Io {
+                    path: jinja,
+                    source,
+                })
+            }
         };
 
         // HF's Llama and Gemma tokenizer classes rebuild the post-processor from these flags
         // when they load (`update_post_processor`); other classes keep `tokenizer.json`'s.
-        let class = config.get("tokenizer_class").and_then(Json::as_str).unwrap_or("");
+        let class = config
+            .get("tokenizer_class")
+            .and_then(Json::as_str)
+            .unwrap_or("");
         let rebuilds = ["LlamaTokenizer", "CodeLlamaTokenizer", "GemmaTokenizer"]
             .iter()
             .any(|c| class.trim_end_matches("Fast") == *c);
         if rebuilds {
-            let add_bos = config.get("add_bos_token").and_then(Json::as_bool).unwrap_or(true);
-            let add_eos = config.get("add_eos_token").and_then(Json::as_bool).unwrap_or(false);
+            let add_bos = config
+                .get("add_bos_token")
+                .and_then(Json::as_bool)
+                .unwrap_or(true);
+            let add_eos = config
+                .get("add_eos_token")
+                .and_then(Json::as_bool)
+                .unwrap_or(false);
             let post = template_processing(
                 &inner,
                 add_bos.then_some(bos_token.as_deref()).flatten(),
@@ -285,12 +315,21 @@ impl Tokenizer {
             stop.push(id);
         }
         match generation.get("eos_token_id") {
-            Some(Json::Array(ids)) => stop.extend(ids.iter().filter_map(Json::as_u64).map(|i| i as u32)),
+            Some(Json::Array(ids)) => {
+                stop.extend(ids.iter().filter_map(Json::as_u64).map(|i| i as u32))
+            }
             Some(v) => stop.extend(v.as_u64().map(|i| i as u32)),
             None => {}
         }
         let style = piece_style(&inner);
-        Ok(Self::assemble(inner, bos_token, eos_token, chat_template, stop, style))
+        Ok(Self::assemble(
+            inner,
+            bos_token,
+            eos_token,
+            chat_template,
+            stop,
+            style,
+        ))
     }
 
     /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
@@ -302,9 +341,12 @@ impl Tokenizer {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.to_string()
-                    .map(String::as_str)
-                    .map_err(|_| tok_err("tokenizer.ggml.tokens", format!("entry {i} is not a string")))
+                v.to_string().map(String::as_str).map_err(|_| {
+                    tok_err(
+                        "tokenizer.ggml.tokens",
+                        format!("entry {i} is not a string"),
+                    )
+                })
             })
             .collect::<Result<_>>()?;
         if tokens.is_empty() {
@@ -348,11 +390,16 @@ impl Tokenizer {
         let (mut inner, add_bos_default, style) = match model {
             "gpt2" => {
                 let pre_name = match meta.get("tokenizer.ggml.pre") {
-                    Some(v) => v.to_string().map_err(|e| tok_err("tokenizer.ggml.pre", e))?.as_str(),
+                    Some(v) => v
+                        .to_string()
+                        .map_err(|e| tok_err("tokenizer.ggml.pre", e))?
+                        .as_str(),
                     None => {
                         // llama.cpp falls back to a default regex here and warns that quality
                         // suffers; GPT-2's is the closest documented equivalent.
-                        tracing::warn!("GGUF has no tokenizer.ggml.pre; using the gpt2 pre-tokenizer");
+                        tracing::warn!(
+                            "GGUF has no tokenizer.ggml.pre; using the gpt2 pre-tokenizer"
+                        );
                         "gpt2"
                     }
                 };
@@ -373,7 +420,9 @@ impl Tokenizer {
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        let m = v.to_string().map_err(|e| tok_err("tokenizer.ggml.merges", e))?;
+                        let m = v
+                            .to_string()
+                            .map_err(|e| tok_err("tokenizer.ggml.merges", e))?;
                         // The separator is the first space after the first character: a merge's
                         // left part is never empty, but it may itself be a space in other
                         // encodings (llama.cpp splits the same way).
@@ -382,14 +431,25 @@ impl Tokenizer {
                             .skip(1)
                             .find(|&(_, c)| c == ' ')
                             .map(|(at, _)| at)
-                            .ok_or_else(|| tok_err("tokenizer.ggml.merges", format!("entry {i} `{m}` has no space")))?;
+                            .ok_or_else(|| {
+                                tok_err(
+                                    "tokenizer.ggml.merges",
+                                    format!("entry {i} `{m}` has no space"),
+                                )
+                            })?;
                         Ok((m[..at].to_string(), m[at + 1..].to_string()))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                (byte_level_bpe(vocab, merges, pre)?, pre.add_bos, PieceStyle::ByteLevel)
+                (
+                    byte_level_bpe(vocab, merges, pre)?,
+                    pre.add_bos,
+                    PieceStyle::ByteLevel,
+                )
             }
             "llama" => {
-                let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let add_space_prefix = meta
+                    .bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
                 let scores: Vec<f32> = match meta.get("tokenizer.ggml.scores") {
                     Some(v) => v
                         .to_vec()
@@ -397,7 +457,12 @@ impl Tokenizer {
                         .iter()
                         .map(|s| s.to_f32().unwrap_or(0.0))
                         .collect(),
-                    None => return Err(tok_err("tokenizer.ggml.scores", "missing (needed for a llama vocabulary)")),
+                    None => {
+                        return Err(tok_err(
+                            "tokenizer.ggml.scores",
+                            "missing (needed for a llama vocabulary)",
+                        ))
+                    }
                 };
                 let unk = unk_id.map(|i| tokens[i as usize].to_string());
                 (
@@ -421,8 +486,12 @@ impl Tokenizer {
         for (i, &t) in types.iter().enumerate() {
             let Some(&text) = tokens.get(i) else { break };
             match t {
-                TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => special.push(AddedToken::from(text, true)),
-                TOKEN_TYPE_USER_DEFINED => added.push(AddedToken::from(text, false).normalized(false)),
+                TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => {
+                    special.push(AddedToken::from(text, true))
+                }
+                TOKEN_TYPE_USER_DEFINED => {
+                    added.push(AddedToken::from(text, false).normalized(false))
+                }
                 _ => {}
             }
         }
@@ -444,10 +513,21 @@ impl Tokenizer {
             stop.extend(token_id(key)?);
         }
         let chat_template = match meta.get("tokenizer.chat_template") {
-            Some(v) => Some(v.to_string().map_err(|e| tok_err("tokenizer.chat_template", e))?.clone()),
+            Some(v) => Some(
+                v.to_string()
+                    .map_err(|e| tok_err("tokenizer.chat_template", e))?
+                    .clone(),
+            ),
             None => None,
         };
-        Ok(Self::assemble(inner, bos_token, eos_token, chat_template, stop, style))
+        Ok(Self::assemble(
+            inner,
+            bos_token,
+            eos_token,
+            chat_template,
+            stop,
+            style,
+        ))
     }
 
     fn assemble(
@@ -458,7 +538,11 @@ impl Tokenizer {
         mut stop: Vec<u32>,
         style: PieceStyle,
     ) -> Self {
-        stop.extend(END_OF_TURN_TOKENS.iter().filter_map(|t| inner.token_to_id(t)));
+        stop.extend(
+            END_OF_TURN_TOKENS
+                .iter()
+                .filter_map(|t| inner.token_to_id(t)),
+        );
         let mut seen = std::collections::HashSet::new();
         stop.retain(|id| seen.insert(*id));
         Self {
@@ -597,7 +681,11 @@ impl GgufMeta<'_> {
     }
 
     fn str(&self, key: &str) -> Result<&str> {
-        Ok(self.require(key)?.to_string().map_err(|e| tok_err(key, e))?.as_str())
+        Ok(self
+            .require(key)?
+            .to_string()
+            .map_err(|e| tok_err(key, e))?
+            .as_str())
     }
 
     fn array(&self, key: &str) -> Result<&Vec<Value>> {
@@ -647,13 +735,23 @@ fn byte_level_bpe(
         .build()
         .map_err(|e| tok_err("BPE model", e))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
-    let mut steps = pre.splits.iter().map(|r| split(r)).collect::<Result<Vec<_>>>()?;
-    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, pre.gpt2_regex)));
+    let mut steps = pre
+        .splits
+        .iter()
+        .map(|r| split(r))
+        .collect::<Result<Vec<_>>>()?;
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false,
+        true,
+        pre.gpt2_regex,
+    )));
     tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreSequence::new(steps))));
     if pre.nfc {
         tok.with_normalizer(Some(NormalizerWrapper::NFC(NFC)));
     }
-    tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, true, true))));
+    tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
     Ok(tok)
 }
 
@@ -672,7 +770,10 @@ fn sentencepiece_bpe(
     let mut ranked: Vec<(f32, f32, f32, u32, &str, &str)> = Vec::new();
     for (id, &piece) in tokens.iter().enumerate() {
         // Control, unknown and user-defined pieces never result from merges.
-        if matches!(types.get(id), Some(&(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_USER_DEFINED))) {
+        if matches!(
+            types.get(id),
+            Some(&(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_USER_DEFINED))
+        ) {
             continue;
         }
         for (at, _) in piece.char_indices().skip(1) {
@@ -703,13 +804,16 @@ fn sentencepiece_bpe(
     }
     let bpe = builder.build().map_err(|e| tok_err("BPE model", e))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
-    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| tok_err("normalizer", e));
+    let replace =
+        |from: &str, to: &str| Replace::new(from, to).map_err(|e| tok_err("normalizer", e));
     let mut norm = Vec::new();
     if add_space_prefix {
         norm.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
     }
     norm.push(NormalizerWrapper::Replace(replace(" ", "▁")?));
-    tok.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(norm))));
+    tok.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(
+        norm,
+    ))));
     let mut dec = vec![
         DecoderWrapper::Replace(replace("▁", " ")?),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
@@ -730,9 +834,12 @@ fn template_processing(
 ) -> Result<TemplateProcessing> {
     let mut specials = Vec::new();
     for t in [bos, eos].into_iter().flatten() {
-        let id = inner
-            .token_to_id(t)
-            .ok_or_else(|| tok_err("post-processor", format!("special token `{t}` is not in the vocabulary")))?;
+        let id = inner.token_to_id(t).ok_or_else(|| {
+            tok_err(
+                "post-processor",
+                format!("special token `{t}` is not in the vocabulary"),
+            )
+        })?;
         specials.push((t.to_string(), id));
     }
     let wrap = |seq: &str, type_id: u8| {
@@ -762,18 +869,25 @@ fn piece_style(inner: &tokenizers::Tokenizer) -> PieceStyle {
     fn walk(d: &DecoderWrapper) -> Option<PieceStyle> {
         match d {
             DecoderWrapper::ByteLevel(_) => Some(PieceStyle::ByteLevel),
-            DecoderWrapper::ByteFallback(_) | DecoderWrapper::Metaspace(_) => Some(PieceStyle::SentencePiece),
+            DecoderWrapper::ByteFallback(_) | DecoderWrapper::Metaspace(_) => {
+                Some(PieceStyle::SentencePiece)
+            }
             DecoderWrapper::Sequence(s) => s.get_decoders().iter().find_map(walk),
             _ => None,
         }
     }
-    inner.get_decoder().and_then(walk).unwrap_or(PieceStyle::Plain)
+    inner
+        .get_decoder()
+        .and_then(walk)
+        .unwrap_or(PieceStyle::Plain)
 }
 
 /// `<0xNN>` → the byte.
 fn sentencepiece_byte(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+    (hex.len() == 2)
+        .then(|| u8::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 /// GPT-2's byte-to-unicode table, inverted: printable bytes map to themselves, the others to
@@ -892,7 +1006,11 @@ impl StopStrings {
     /// Empty strings are ignored.
     pub fn new<S: Into<String>>(stops: impl IntoIterator<Item = S>) -> Self {
         Self {
-            stops: stops.into_iter().map(Into::into).filter(|s: &String| !s.is_empty()).collect(),
+            stops: stops
+                .into_iter()
+                .map(Into::into)
+                .filter(|s: &String| !s.is_empty())
+                .collect(),
             held: String::new(),
             stopped: false,
         }
@@ -905,7 +1023,10 @@ impl StopStrings {
     /// Adds generated text; returns what can be sent now.
     pub fn push(&mut self, text: &str) -> StopCheck {
         if self.stopped {
-            return StopCheck { text: String::new(), stopped: true };
+            return StopCheck {
+                text: String::new(),
+                stopped: true,
+            };
         }
         self.held.push_str(text);
         let first = self
@@ -916,7 +1037,10 @@ impl StopStrings {
         if let Some(at) = first {
             self.held.truncate(at);
             self.stopped = true;
-            return StopCheck { text: std::mem::take(&mut self.held), stopped: true };
+            return StopCheck {
+                text: std::mem::take(&mut self.held),
+                stopped: true,
+            };
         }
         // Keep the longest tail that is a proper prefix of some stop sequence.
         let keep_from = self
@@ -929,7 +1053,10 @@ impl StopStrings {
             })
             .unwrap_or(self.held.len());
         let rest = self.held.split_off(keep_from);
-        StopCheck { text: std::mem::replace(&mut self.held, rest), stopped: false }
+        StopCheck {
+            text: std::mem::replace(&mut self.held, rest),
+            stopped: false,
+        }
     }
 
     /// The held-back text, when generation ended for another reason.

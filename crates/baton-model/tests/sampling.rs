@@ -92,11 +92,20 @@ fn validate_names_the_bad_field() {
         ("min_p", params(|p| p.min_p = Some(-0.1))),
         ("min_p", params(|p| p.min_p = Some(1.1))),
         ("repetition_penalty", params(|p| p.repetition_penalty = 0.0)),
-        ("repetition_penalty", params(|p| p.repetition_penalty = f32::NAN)),
+        (
+            "repetition_penalty",
+            params(|p| p.repetition_penalty = f32::NAN),
+        ),
         ("presence_penalty", params(|p| p.presence_penalty = 2.5)),
         ("frequency_penalty", params(|p| p.frequency_penalty = -2.5)),
-        ("frequency_penalty", params(|p| p.frequency_penalty = f32::NAN)),
-        ("top_logprobs", params(|p| p.top_logprobs = MAX_TOP_LOGPROBS + 1)),
+        (
+            "frequency_penalty",
+            params(|p| p.frequency_penalty = f32::NAN),
+        ),
+        (
+            "top_logprobs",
+            params(|p| p.top_logprobs = MAX_TOP_LOGPROBS + 1),
+        ),
     ];
     for (field, p) in cases {
         let bad = p.check().expect_err(field);
@@ -235,7 +244,10 @@ fn temperature_sampling_follows_the_tempered_softmax() {
         let n = 20_000;
         let f = frequencies(params(|p| p.temperature = 1.0), &from_probs(&probs), n);
         for (i, (&got, &want)) in f.iter().zip(&probs).enumerate() {
-            assert!((got - want as f64).abs() < 0.02, "token {i}: {got} vs {want}");
+            assert!(
+                (got - want as f64).abs() < 0.02,
+                "token {i}: {got} vs {want}"
+            );
         }
         // T = 0.5 squares the probabilities before renormalising.
         let sq: f64 = probs.iter().map(|&p| (p * p) as f64).sum();
@@ -381,7 +393,9 @@ fn presence_and_frequency_penalties_are_openai_style_over_generated_only() {
 
         // Presence is a flat amount once a token appeared, however often.
         let mut s = Sampler::new(params(|p| p.presence_penalty = 0.5), &[]).unwrap();
-        let tokens: Vec<u32> = (0..4).map(|_| s.sample(&row(&values)).unwrap().token).collect();
+        let tokens: Vec<u32> = (0..4)
+            .map(|_| s.sample(&row(&values)).unwrap().token)
+            .collect();
         // 0 then 1 (1.0 - 0.5 < 0.9) then 0 (0.5 vs 0.4) and 0 again (the penalty does not grow).
         assert_eq!(tokens, vec![0, 1, 0, 0]);
     });
@@ -406,7 +420,10 @@ fn resumed_sampler_draws_what_the_undisturbed_one_draws() {
         for k in 0..full.len() {
             let mut r = Sampler::resume(p.clone(), &prompt, &full[..k]).unwrap();
             assert_eq!(r.generated(), &full[..k]);
-            let rest: Vec<u32> = logits[k..].iter().map(|l| r.sample(l).unwrap().token).collect();
+            let rest: Vec<u32> = logits[k..]
+                .iter()
+                .map(|l| r.sample(l).unwrap().token)
+                .collect();
             assert_eq!(rest, full[k..], "resumed after {k} tokens");
         }
     });
