@@ -43,7 +43,11 @@ fn generation_responses(schema: &str, auth: bool) -> Value {
             "description": "the completion, or with `stream: true` server-sent events `data: <chunk>` ending with `data: [DONE]`",
             "content": {
                 "application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}},
-                "text/event-stream": {"schema": {"type": "string"}}
+                // Before OpenAPI 3.2, an event stream's `schema` describes one event.
+                "text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+                    "data": {"type": "string", "description": "a chunk as JSON, or `[DONE]` last"},
+                    "event": {"type": "string"}
+                }}}
             }
         }),
     );
