@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
-CARGO_FUZZ_VERSION=0.12.0
+CARGO_FUZZ_VERSION=0.13.2
 
 need=()
 for p in libibverbs-dev ibverbs-providers libibverbs1 gcc libc6-dev; do

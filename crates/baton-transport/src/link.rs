@@ -86,7 +86,7 @@ pub(crate) struct StreamLink {
 }
 
 pub(crate) enum Inner {
-    Stream(StreamLink),
+    Stream(Box<StreamLink>),
     Rdma(RdmaLink),
 }
 

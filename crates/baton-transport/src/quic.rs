@@ -217,11 +217,11 @@ impl QuicEndpoint {
             return Err(e);
         }
         let (ps, pr) = protections(None);
-        let inner = Inner::Stream(StreamLink {
+        let inner = Inner::Stream(Box::new(StreamLink {
             reader: Mutex::new(RecordReader::new(Box::new(recv), pr, &self.cfg.limits)),
             writer: Mutex::new(RecordWriter::new(Box::new(send), ps, self.cfg.limits)),
             quic: Some(QuicHold { conn, _endpoint: self.endpoint.clone() }),
-        });
+        }));
         Ok(Link::new(inner, TransportKind::Quic, false, peer, self.cfg.limits))
     }
 }

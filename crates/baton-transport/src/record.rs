@@ -45,7 +45,7 @@ enum Protect {
     /// The channel below already authenticates and encrypts (QUIC/TLS 1.3).
     Plain,
     Mac([u8; 32]),
-    Aead(LessSafeKey),
+    Aead(Box<LessSafeKey>),
 }
 
 impl Protect {
@@ -65,8 +65,8 @@ fn nonce(seq: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-fn aead_key(k: &[u8; 32]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, k).expect("32-byte AES-256 key"))
+fn aead_key(k: &[u8; 32]) -> Box<LessSafeKey> {
+    Box::new(LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, k).expect("32-byte AES-256 key")))
 }
 
 /// Which protection a record stream gets, per direction.

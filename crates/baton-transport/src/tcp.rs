@@ -73,11 +73,11 @@ pub(crate) async fn upgrade(mut stream: TcpStream, role: Role, cfg: &LinkConfig)
     let keys = authenticate(&mut r, &mut w, role, cfg, b"baton-tcp", peer).await?;
     let (r, w) = stream.into_split();
     let (ps, pr) = protections(Some(&keys));
-    let inner = Inner::Stream(StreamLink {
+    let inner = Inner::Stream(Box::new(StreamLink {
         reader: Mutex::new(RecordReader::new(Box::new(r), pr, &cfg.limits)),
         writer: Mutex::new(RecordWriter::new(Box::new(w), ps, cfg.limits)),
         quic: None,
-    });
+    }));
     Ok(Link::new(inner, TransportKind::Tcp, false, peer, cfg.limits))
 }
 

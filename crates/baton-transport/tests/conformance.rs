@@ -43,7 +43,7 @@ fn frame(pool: &Bytes, i: u64) -> Frame {
     let size = size_of(i);
     let off = (i as usize * 7919) % 8192;
     let payload = pool.slice(off..off + size);
-    if i % 7 == 0 && size % 2 == 0 {
+    if i.is_multiple_of(7) && size.is_multiple_of(2) {
         let span = SeqSpan { seq_id: i, start_pos: (i % 1000) as u32, n_tokens: 1 };
         Frame::hidden(i, &[span], DType::BF16, size as u64 / 2, payload).unwrap()
     } else {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use baton_transport::rdma::device::{open_device, Resources};
+use baton_transport::rdma::device::{open_device, Cq, Resources};
 use baton_transport::rdma::proto::{ClassSpec, CLASSES};
 use baton_transport::rdma::sys::{ibv_wc, IBV_WC_LOC_LEN_ERR};
 use baton_transport::rdma::{self, GateStep, RdmaConfig, RdmaError};
@@ -126,7 +126,7 @@ async fn rc_is_used_where_the_provider_offers_it() {
     assert_eq!(b.recv().await.unwrap().payload.len(), 100_000);
 }
 
-fn wait_completion(r: &Resources, cq: *mut baton_transport::rdma::sys::ibv_cq) -> Option<ibv_wc> {
+fn wait_completion(r: &Resources, cq: Cq) -> Option<ibv_wc> {
     let mut wc = [ibv_wc::default(); 1];
     for _ in 0..1000 {
         if r.poll(cq, &mut wc).unwrap() == 1 {
@@ -158,8 +158,8 @@ fn frame_count_mismatch_fails_at_both_ends() {
     big[1] = ClassSpec { slot_bytes: 32 << 10, depth: 64 };
     let (mut a, b) = raw_pair("rdma_emu5", CLASSES, big);
     a.post_send(1, 0).unwrap();
-    let s = wait_completion(&a, a.send_cq).expect("send completion");
-    let r = wait_completion(&b, b.recv_cq).expect("receive completion");
+    let s = wait_completion(&a, Cq::Send).expect("send completion");
+    let r = wait_completion(&b, Cq::Recv).expect("receive completion");
     assert_eq!((s.status, r.status), (IBV_WC_LOC_LEN_ERR, IBV_WC_LOC_LEN_ERR));
 }
 
@@ -169,14 +169,14 @@ fn sends_are_held_until_a_receive_is_posted() {
     one[0] = ClassSpec { slot_bytes: 4096, depth: 1 };
     let (mut a, mut b) = raw_pair("rdma_emu5", one, one);
     a.post_send(0, 0).unwrap();
-    assert_eq!(wait_completion(&a, a.send_cq).map(|w| w.status), Some(0));
-    assert_eq!(wait_completion(&b, b.recv_cq).map(|w| w.status), Some(0));
+    assert_eq!(wait_completion(&a, Cq::Send).map(|w| w.status), Some(0));
+    assert_eq!(wait_completion(&b, Cq::Recv).map(|w| w.status), Some(0));
     // b has no receive posted now: the next send is held, with no completion.
     a.post_send(0, 0).unwrap();
     let mut wc = [ibv_wc::default(); 1];
-    assert_eq!(a.poll(a.send_cq, &mut wc).unwrap(), 0);
+    assert_eq!(a.poll(Cq::Send, &mut wc).unwrap(), 0);
     b.post_recv(0, 0).unwrap();
-    assert_eq!(wait_completion(&a, a.send_cq).map(|w| w.status), Some(0));
+    assert_eq!(wait_completion(&a, Cq::Send).map(|w| w.status), Some(0));
 }
 
 #[test]

@@ -33,7 +33,8 @@ fn missing_library_fails_at_the_library_step() {
 async fn auto_falls_back_and_says_why() {
     let (a, b) = tokio::time::timeout(Duration::from_secs(30), local_pair(&cfg(), &NegotiateOptions::default())).await.unwrap().unwrap();
     assert_ne!(a.report.chosen, TransportKind::Rdma);
-    assert_eq!(a.report, b.report);
+    // Displayed to 0.1 µs: the peer's copy went through JSON, which may move a float by one ulp.
+    assert_eq!(a.report.to_string(), b.report.to_string());
     let why = &a.report.rejected.iter().find(|r| r.transport == TransportKind::Rdma).unwrap().reason;
     assert!(why.contains("find device"), "{why}");
     let other = if a.report.chosen == TransportKind::Tcp { TransportKind::Quic } else { TransportKind::Tcp };

@@ -440,8 +440,8 @@ impl Resources {
                     return Err(gate(GateStep::Init, format!("ibv_modify_qp(INIT): {}", rc_str(rc))));
                 }
             }
-            for c in 0..N_CLASSES {
-                for i in 0..classes[c].depth as usize {
+            for (c, spec) in classes.iter().enumerate() {
+                for i in 0..spec.depth as usize {
                     r.post_recv(c, i).map_err(|e| gate(GateStep::Init, e))?;
                 }
             }
@@ -545,7 +545,11 @@ impl Resources {
     }
 
     /// The inline ibv_poll_cq, through the ops table.
-    pub fn poll(&self, cq: *mut ibv_cq, out: &mut [ibv_wc]) -> Result<usize, String> {
+    pub fn poll(&self, which: Cq, out: &mut [ibv_wc]) -> Result<usize, String> {
+        let cq = match which {
+            Cq::Send => self.send_cq,
+            Cq::Recv => self.recv_cq,
+        };
         // SAFETY: cq belongs to this context; out has room for out.len() entries.
         let n = unsafe {
             let f = (*self.dev.ctx).ops.poll_cq.ok_or("provider has no poll_cq")?;
@@ -556,6 +560,13 @@ impl Resources {
         }
         Ok(n as usize)
     }
+}
+
+/// Which of a link end's two completion queues.
+#[derive(Debug, Clone, Copy)]
+pub enum Cq {
+    Send,
+    Recv,
 }
 
 pub fn wr_id(class: usize, slot: usize) -> u64 {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::device::{split_wr_id, Resources};
+use super::device::{split_wr_id, Cq, Resources};
 use super::proto::{class_for, parse_slot, seal_slot, ClassSpec, Rx, RxAction, SlotHeader, TxClass, FLAG_FIRST, FLAG_LAST, N_CLASSES, SLOT_HEADER_LEN};
 use super::sys::{ibv_wc, IBV_WC_LOC_LEN_ERR, IBV_WC_SUCCESS};
 use super::{Cmd, Dead, RdmaConfig, Side, MAX_UNREAD_BYTES};
@@ -187,7 +187,7 @@ impl Driver {
             busy = true;
         }
 
-        let n = self.res.poll(self.res.send_cq, &mut self.wcs)?;
+        let n = self.res.poll(Cq::Send, &mut self.wcs)?;
         for wc in &self.wcs[..n] {
             let (c, _) = split_wr_id(wc.wr_id);
             self.outstanding[c.min(N_CLASSES - 1)] = self.outstanding[c.min(N_CLASSES - 1)].saturating_sub(1);
@@ -198,7 +198,7 @@ impl Driver {
         busy |= n > 0;
 
         if self.unread.load(Ordering::Relaxed) < MAX_UNREAD_BYTES {
-            let n = self.res.poll(self.res.recv_cq, &mut self.wcs)?;
+            let n = self.res.poll(Cq::Recv, &mut self.wcs)?;
             for i in 0..n {
                 let wc = self.wcs[i];
                 self.on_receive(wc, now)?;

@@ -409,6 +409,8 @@ fn dl_error() -> String {
 
 impl Verbs {
     /// dlopens `path` and resolves every control-path function.
+    // Each transmute's target type is the field it initialises.
+    #[allow(clippy::missing_transmute_annotations)]
     pub fn open(path: &Path) -> Result<Verbs, String> {
         let c = CString::new(path.as_os_str().to_string_lossy().as_bytes()).map_err(|_| "path contains NUL")?;
         // SAFETY: dlopen with a valid C string.
