@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use baton_api::ApiConfig;
+use baton_cluster::config::ClusterConfig;
 use baton_cluster::identity;
 use baton_cluster::key::{ClusterKey, KeyError};
 use baton_head::status::STATUS_FILE;
-use baton_head::{ClusterStatus, Event, GenerateRequest, Head, HeadConfig};
+use baton_head::{ClusterBackend, ClusterStatus, Event, GenerateRequest, Head, HeadConfig, SchedulerConfig};
 use baton_model::loader::ModelSource;
 use baton_model::pipeline::WireDType;
 use baton_model::tokenizer::{TextStream, Tokenizer};
@@ -71,7 +73,8 @@ impl NodeFlags {
     }
 }
 
-/// What to do once the cluster is up: one prompt, JSON requests from stdin, or wait.
+/// What to do once the cluster is up: one prompt, JSON requests from stdin, or (by default)
+/// serve the OpenAI-compatible API.
 #[derive(clap::Args, Clone)]
 pub struct RunFlags {
     /// Raw prompt for a one-shot run, tokenized as is; output as `baton generate` prints it.
@@ -87,14 +90,97 @@ pub struct RunFlags {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingFlags,
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub scheduler: SchedulerFlags,
+    #[command(flatten)]
+    pub api: ApiFlags,
     /// Read requests from stdin, one JSON object a line (`{"prompt": "...", "max_tokens": 32,
     /// "stream": true}`; or `"chat"`, `"system"`, `"temperature"`, `"seed"`), run them
     /// concurrently, and write one JSON result a line (`{"id", "text", "tokens", "finish"}` or
     /// `{"id", "error"}`; with `stream`, `{"id", "token"}` lines first). Ids count lines from 0.
     #[arg(long)]
     pub stdin: bool,
+}
+
+/// How the head's scheduler batches requests.
+#[derive(clap::Args, Clone)]
+pub struct SchedulerFlags {
+    /// Prompt tokens per micro-batch at most: a longer prompt enters in chunks interleaved with
+    /// the other streams' decode steps.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Sequences per micro-batch at most.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Sequences holding KV cache at once; more wait in the queue.
+    #[arg(long, default_value_t = 16)]
+    pub max_running: usize,
+    /// Requests admitted (running + queued); more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queued: usize,
+    /// Micro-batches in flight at once; 0: one per stage.
+    #[arg(long, default_value_t = 0)]
+    pub max_in_flight: usize,
+}
+
+impl SchedulerFlags {
+    fn config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch: self.max_batch,
+            max_running: self.max_running,
+            max_queued: self.max_queued,
+            prefill_chunk: self.prefill_chunk,
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
+/// The OpenAI-compatible API the head serves when it runs neither --prompt/--chat nor --stdin.
+#[derive(clap::Args, Clone)]
+pub struct ApiFlags {
+    /// Address of the API.
+    #[arg(long, default_value = baton_api::config::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// API keys, comma-separated; added to cluster.toml's `api.keys` and $BATON_API_KEYS. With
+    /// none the API is open (a warning is printed when it listens beyond loopback).
+    #[arg(long, value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// Origins allowed by CORS, comma-separated (`*`: any); default: CORS off.
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// The model id the API serves; default: the model file name without extension.
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Tokens generated when a request names no max_tokens; default: the rest of the context.
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
+    /// The most max_tokens a request may ask for; default: the context length.
+    #[arg(long)]
+    pub max_tokens_limit: Option<usize>,
+    /// cluster.toml for API keys; default: $BATON_CONFIG, else ~/.config/baton/cluster.toml if
+    /// present.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl ApiFlags {
+    fn config(&self) -> Result<ApiConfig> {
+        let cluster = ClusterConfig::load_or_default(self.config.as_deref())?;
+        let mut keys = self.api_keys.clone();
+        keys.extend(cluster.api.keys);
+        let mut cfg = ApiConfig {
+            listen: self.listen,
+            api_keys: keys,
+            cors_origins: self.cors_origins.clone(),
+            default_max_tokens: self.default_max_tokens,
+            max_tokens_limit: self.max_tokens_limit,
+            ..ApiConfig::default()
+        }
+        .with_env_keys();
+        cfg.api_keys.sort();
+        cfg.api_keys.dedup();
+        Ok(cfg)
+    }
 }
 
 #[derive(clap::Args)]
@@ -193,6 +279,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         backend: backend(&args.node.device),
     };
     let data_addr = args.data_listen.unwrap_or(SocketAddr::new(args.listen.ip(), 0));
+    let security = baton_proto::ControlSecurity::new(key.as_bytes())?;
     runtime()?.block_on(async move {
         let shutdown = Arc::new(Notify::new());
         let service = WorkerService::new(cfg, data_addr, shutdown).await?;
@@ -217,7 +304,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
             }
         };
-        serve(service, listener, stop).await?;
+        serve(service, listener, &security, stop).await?;
         // The stdin reader may still block; nothing else is left to finish.
         std::process::exit(0)
     })
@@ -239,7 +326,7 @@ fn head_config(model: PathBuf, workers: Vec<String>, wire: WireDType, local_stag
         device: device(&node.device)?,
         bind_ip,
         status_path: Some(state_dir.join(STATUS_FILE)),
-        prefill_chunk: run.prefill_chunk,
+        scheduler: run.scheduler.config(),
     })
 }
 
@@ -352,8 +439,25 @@ async fn drive(head: &Head, model: &Path, run: &RunFlags) -> Result<()> {
     if run.stdin {
         return json_lines(head, tokenizer, run).await;
     }
+    serve_api(head, model, &run.api).await
+}
+
+/// Serves the OpenAI-compatible API over the cluster until Ctrl-C or SIGTERM.
+async fn serve_api(head: &Head, model: &Path, flags: &ApiFlags) -> Result<()> {
+    let cfg = flags.config()?;
+    let backend = Arc::new(ClusterBackend::new(head.clone(), model, flags.model_id.clone())?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding the API to {}", cfg.listen))?;
+    // One line on stderr says where the API listens (scripts and tests read it; port 0 picks one).
+    eprintln!("BATON_API_READY http://{}", listener.local_addr()?);
     eprintln!("cluster up; `baton status` shows it; Ctrl-C stops");
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    baton_api::serve_on(listener, backend, cfg, stop).await?;
     Ok(())
 }
 

@@ -80,12 +80,13 @@ pub struct BackendStats {
     pub links: Vec<LinkStats>,
 }
 
-/// Forward-pass time of one stage, cumulative.
+/// Forward-pass time of one stage, cumulative, and the KV cache it holds now.
 #[derive(Debug, Clone)]
 pub struct StageStats {
     pub stage: String,
     pub forwards: u64,
     pub forward_seconds: f64,
+    pub kv_bytes: u64,
 }
 
 /// One data-plane link between stages.

@@ -200,6 +200,7 @@ impl Backend for LocalBackend {
                 stage: "local".into(),
                 forwards: s.forwards.load(Ordering::SeqCst),
                 forward_seconds: s.forward_nanos.load(Ordering::SeqCst) as f64 * 1e-9,
+                kv_bytes: s.kv_bytes.load(Ordering::SeqCst),
             }],
             links: Vec::new(),
         }

@@ -62,6 +62,7 @@ impl Metrics {
             for s in &stats.stages {
                 gauge!("baton_stage_forwards_total", "stage" => s.stage.clone()).set(s.forwards as f64);
                 gauge!("baton_stage_forward_seconds_total", "stage" => s.stage.clone()).set(s.forward_seconds);
+                gauge!("baton_stage_kv_cache_bytes", "stage" => s.stage.clone()).set(s.kv_bytes as f64);
             }
             for l in &stats.links {
                 let labels = [("from", l.from.clone()), ("to", l.to.clone()), ("transport", l.transport.clone())];

@@ -1,34 +1,34 @@
 //! The head: connects workers, places layers, loads shards, sets up the chain
 //! head (stage 0) → worker → … → last worker → head, and runs requests through it.
 //!
-//! Requests live in a table keyed by sequence id. A request task sends its micro-batches down the
-//! chain and waits for the token the last stage samples; one receiver task routes the Tokens
-//! frames coming back to the request they belong to. Several requests are in flight at once, so
-//! the stages work on different requests' micro-batches in parallel.
+//! Requests go through the [`crate::scheduler`], which packs the running sequences into
+//! micro-batches and keeps several in flight, so the stages work on different micro-batches at
+//! once; one receiver task hands what the last stage sends back to the scheduler.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use baton_api::backend::{BackendStats, GenerationRequest, LinkStats, StageStats, StreamEvent, SubmitError, TokenStream};
 
 use baton_model::loader::ModelSource;
 use baton_model::pipeline::{even_split, WireDType};
 use baton_model::sampling::SamplingParams;
-use baton_model::shard::{SeqChunk, Shard};
+use baton_model::shard::Shard;
 use baton_proto::pb::{self, worker_client::WorkerClient};
 use baton_transport::negotiate::{dial, Acceptor, NegotiateOptions, NegotiationReport, Preference};
 use baton_transport::{FrameKind, Link, LinkConfig};
-use baton_worker::service::{sampling_to_proto, wire_to_proto, worker_protocol};
-use baton_worker::stage::{run_blocking, sampled};
-use baton_worker::wire::{parse_failure, tokens_frame};
+use baton_worker::service::{wire_to_proto, worker_protocol};
+use baton_worker::wire::{decode_sampled, parse_failure};
 use baton_worker::Stage;
 use candle_core::Device;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use crate::scheduler::{self, Chain, Msg, SchedulerConfig};
 use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
 
 /// How long a worker may stay silent on its health stream before it is declared dead (a host
@@ -39,8 +39,6 @@ const HEARTBEAT_INTERVAL_MS: u32 = 250;
 /// A lost link is reported after this pause, so that a health watcher that saw the node die
 /// names it first (the link error alone only says which hop broke).
 const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
-/// Control RPCs that must be quick (open/close sequence) give up after this.
-const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
@@ -76,7 +74,7 @@ pub struct HeadConfig {
     /// IP the head's data acceptor binds (the last stage connects back to it).
     pub bind_ip: IpAddr,
     pub status_path: Option<PathBuf>,
-    pub prefill_chunk: usize,
+    pub scheduler: SchedulerConfig,
 }
 
 /// One request: prompt tokens, sampling, budget and the ids that end it.
@@ -108,26 +106,12 @@ struct WorkerHandle {
     info: pb::NodeInfo,
 }
 
-/// What the receiver task hands a waiting request: the sampled token, or why there is none.
-type Step = std::result::Result<u32, String>;
-
 struct Inner {
-    local: Option<Arc<Mutex<Stage>>>,
+    local: bool,
     workers: Vec<WorkerHandle>,
-    downstream: Arc<Link>,
-    requests: Mutex<Requests>,
-    next_seq: AtomicU64,
-    next_micro_batch: AtomicU64,
+    scheduler: scheduler::Handle,
     status: Mutex<ClusterStatus>,
     status_path: Option<PathBuf>,
-    prefill_chunk: usize,
-}
-
-#[derive(Default)]
-struct Requests {
-    waiting: HashMap<u64, mpsc::Sender<Step>>,
-    /// Set once the cluster has lost a node or link; every later request fails with it.
-    failed: Option<String>,
 }
 
 #[derive(Clone)]
@@ -369,20 +353,29 @@ impl Head {
         tracing::info!("chain ready: {} stages, {}", n_stages, status.links.iter().map(|l| format!("{}→{} {} {:.0} µs", l.from, l.to, l.transport, l.rtt_us)).collect::<Vec<_>>().join(", "));
 
         status.state = "serving".into();
+        let (handle, messages) = scheduler::Handle::new(&cfg.scheduler);
         let head = Head {
             inner: Arc::new(Inner {
-                local,
+                local: local.is_some(),
                 workers,
-                downstream: Arc::new(downstream.link),
-                requests: Mutex::new(Requests::default()),
-                next_seq: AtomicU64::new(1),
-                next_micro_batch: AtomicU64::new(1),
+                scheduler: handle.clone(),
                 status: Mutex::new(status),
                 status_path: cfg.status_path.clone(),
-                prefill_chunk: cfg.prefill_chunk.max(1),
             }),
         };
         head.write_status();
+        let on_fail = head.clone();
+        let chain = Chain {
+            local,
+            downstream: Arc::new(downstream.link),
+            workers: head.inner.workers.iter().map(|w| (w.name.clone(), w.client.clone())).collect(),
+            n_stages,
+            on_link_failure: Box::new(move |why| {
+                let head = on_fail.clone();
+                tokio::spawn(async move { head.fail_link(why).await });
+            }),
+        };
+        tokio::spawn(scheduler::run(handle, messages, cfg.scheduler.clone(), chain));
         tokio::spawn(head.clone().receive(Arc::new(upstream.link)));
         for i in 0..head.inner.workers.len() {
             tokio::spawn(head.clone().watch(i));
@@ -410,22 +403,16 @@ impl Head {
         }
     }
 
-    /// Marks the cluster failed (the first reason sticks) and ends every waiting request with it;
+    /// Marks the cluster failed (the first reason sticks) and ends every request with it;
     /// returns the reason that stuck.
     fn fail_all(&self, reason: String) -> String {
-        let (newly, reason, waiting) = match self.inner.requests.lock() {
-            Ok(mut r) => {
-                let newly = r.failed.is_none();
-                let reason = r.failed.get_or_insert(reason).clone();
-                (newly, reason, std::mem::take(&mut r.waiting))
-            }
-            Err(_) => return reason,
+        let (newly, reason) = {
+            let mut failed = self.inner.scheduler.counters.failed.lock().unwrap_or_else(|e| e.into_inner());
+            (failed.is_none(), failed.get_or_insert(reason).clone())
         };
-        tracing::error!("{reason}; {} request(s) ended", waiting.len());
-        for tx in waiting.into_values() {
-            let _ = tx.try_send(Err(reason.clone()));
-        }
         if newly {
+            tracing::error!("{reason}; {} request(s) ended", self.inner.scheduler.counters.admitted.load(Ordering::SeqCst));
+            let _ = self.inner.scheduler.tx.send(Msg::Fail(reason.clone()));
             self.update_status(|s| s.state = format!("failed: {reason}"));
         }
         reason
@@ -437,7 +424,7 @@ impl Head {
         self.fail_all(why)
     }
 
-    /// Routes what comes back from the last stage to the waiting requests.
+    /// Hands what comes back from the last stage to the scheduler.
     async fn receive(self, upstream: Arc<Link>) {
         loop {
             let frame = match upstream.recv().await {
@@ -447,22 +434,15 @@ impl Head {
                     return;
                 }
             };
-            let routes: Vec<(u64, Step)> = match frame.kind {
-                FrameKind::Tokens => sampled(&frame).into_iter().map(|(s, t)| (s.seq_id, Ok(t))).collect(),
-                FrameKind::Control => {
-                    let f = parse_failure(&frame);
-                    frame.seqs.iter().map(|s| (s.seq_id, Err(f.to_string()))).collect()
-                }
-                FrameKind::Hidden => {
-                    tracing::warn!("hidden states came back to the head; dropped");
-                    Vec::new()
-                }
+            let result = match frame.kind {
+                FrameKind::Tokens => decode_sampled(&frame)
+                    .map(|v| v.into_iter().map(|(span, s)| (span.seq_id, s)).collect())
+                    .map_err(|e| format!("the last stage's answer: {e}")),
+                FrameKind::Control => Err(parse_failure(&frame).to_string()),
+                FrameKind::Hidden => Err("the last stage sent hidden states instead of tokens".into()),
             };
-            let Ok(requests) = self.inner.requests.lock() else { return };
-            for (seq, step) in routes {
-                if let Some(tx) = requests.waiting.get(&seq) {
-                    let _ = tx.try_send(step);
-                }
+            if self.inner.scheduler.tx.send(Msg::Returned { micro_batch: frame.micro_batch, result }).is_err() {
+                return;
             }
         }
     }
@@ -488,6 +468,9 @@ impl Head {
                                     n.available_memory = load.available_memory;
                                     n.kv_bytes = load.kv_bytes_used;
                                     n.active_sequences = load.active_sequences;
+                                    // A busy stage reports zeros; the counters only grow.
+                                    n.forwards = n.forwards.max(load.forwards);
+                                    n.forward_seconds = n.forward_seconds.max(load.forward_seconds);
                                 }
                             }
                         }
@@ -505,127 +488,106 @@ impl Head {
         self.fail_all(format!("{label} is gone ({why})"));
     }
 
+    /// Admits a request into the scheduler; its tokens stream back on the returned stream, which
+    /// cancels the request (and frees its KV on every stage) when dropped.
+    pub fn submit(&self, req: GenerationRequest) -> std::result::Result<TokenStream, SubmitError> {
+        self.inner.scheduler.submit(req)
+    }
+
+    /// `Ok` while the cluster serves; otherwise why it does not.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        self.inner.scheduler.failed().map_or(Ok(()), Err)
+    }
+
+    /// Live figures: queue, sequences, KV per stage, stage 0's forward time, links.
+    pub fn stats(&self) -> BackendStats {
+        let c = &self.inner.scheduler.counters;
+        let running = c.running.load(Ordering::SeqCst);
+        let status = self.status();
+        let mut stages = Vec::new();
+        if self.inner.local {
+            stages.push(StageStats {
+                stage: format!("0 {}", status.head),
+                forwards: c.local_forwards.load(Ordering::Relaxed),
+                forward_seconds: c.local_forward_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+                kv_bytes: c.local_kv_bytes.load(Ordering::Relaxed),
+            });
+        }
+        for (i, n) in status.nodes.iter().filter(|n| !n.endpoint.is_empty()).enumerate() {
+            stages.push(StageStats {
+                stage: format!("{} {}", i + usize::from(self.inner.local), n.name),
+                forwards: n.forwards,
+                forward_seconds: n.forward_seconds,
+                kv_bytes: n.kv_bytes,
+            });
+        }
+        BackendStats {
+            queued: c.admitted.load(Ordering::SeqCst).saturating_sub(running),
+            in_flight: running,
+            kv_bytes: stages.iter().map(|s| s.kv_bytes).sum(),
+            stages,
+            links: status
+                .links
+                .iter()
+                .map(|l| LinkStats { from: l.from.clone(), to: l.to.clone(), transport: l.transport.clone(), rtt_seconds: l.rtt_us * 1e-6 })
+                .collect(),
+        }
+    }
+
     /// Starts a request; its events arrive on the returned channel, ending with `Done` or an error.
+    /// Dropping the receiver cancels the request.
     pub fn generate(&self, req: GenerateRequest) -> mpsc::Receiver<Result<Event>> {
         let (tx, rx) = mpsc::channel(64);
+        let submitted = self.submit(GenerationRequest {
+            prompt_tokens: req.prompt.clone(),
+            sampling: req.sampling,
+            max_tokens: req.max_tokens,
+            stop_token_ids: req.stop_ids,
+        });
+        let prompt_tokens = req.prompt.len();
         let head = self.clone();
         tokio::spawn(async move {
-            let seq = head.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-            let result = head.run_request(seq, &req, &tx).await;
-            // The outcome goes out first: closing on a worker that hangs must not delay it.
-            let _ = tx.send(result).await;
-            head.close_everywhere(seq).await;
+            let mut stream = match submitted {
+                Ok(s) => s,
+                Err(SubmitError::NotReady(why)) => return drop(tx.send(Err(HeadError::Unavailable(why))).await),
+                Err(e) => return drop(tx.send(Err(HeadError::Request(e.to_string()))).await),
+            };
+            let started = Instant::now();
+            let (mut generated, mut prefill_s, mut decode_start) = (0usize, 0.0, Instant::now());
+            let outcome = loop {
+                match stream.next().await {
+                    Some(StreamEvent::Token(s)) => {
+                        if generated == 0 {
+                            prefill_s = started.elapsed().as_secs_f64();
+                            decode_start = Instant::now();
+                        }
+                        generated += 1;
+                        if tx.send(Ok(Event::Token(s.token))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(StreamEvent::Finished(f)) => {
+                        let finish = match f {
+                            baton_model::generation::Finish::Stop => Finish::Stop,
+                            baton_model::generation::Finish::Length => Finish::Length,
+                        };
+                        if generated == 0 {
+                            prefill_s = started.elapsed().as_secs_f64();
+                        }
+                        let decode_tok_s = generated.saturating_sub(1) as f64 / decode_start.elapsed().as_secs_f64().max(1e-9);
+                        head.update_status(|s| {
+                            s.tokens_generated += generated as u64;
+                            s.last_decode_tok_s = decode_tok_s;
+                        });
+                        break Ok(Event::Done { finish, prompt_tokens, generated, prefill_s, decode_tok_s });
+                    }
+                    Some(StreamEvent::Failed(why)) => break Err(HeadError::Request(why)),
+                    None => break Err(HeadError::Request("the scheduler dropped this request".into())),
+                }
+            };
+            let _ = tx.send(outcome).await;
         });
         rx
-    }
-
-    async fn run_request(&self, seq: u64, req: &GenerateRequest, events: &mpsc::Sender<Result<Event>>) -> Result<Event> {
-        if req.prompt.is_empty() {
-            return Err(HeadError::Request("the prompt has no tokens".into()));
-        }
-        let (tx, mut steps) = mpsc::channel::<Step>(4);
-        {
-            let mut r = self.inner.requests.lock().map_err(|_| HeadError::Request("request table poisoned".into()))?;
-            if let Some(why) = &r.failed {
-                return Err(HeadError::Unavailable(why.clone()));
-            }
-            r.waiting.insert(seq, tx);
-        }
-        self.open_everywhere(seq, req).await?;
-
-        let started = Instant::now();
-        for (i, part) in req.prompt.chunks(self.inner.prefill_chunk).enumerate() {
-            self.submit(seq, i * self.inner.prefill_chunk, part).await?;
-        }
-        let mut generated = 0usize;
-        let mut prefill_s = 0.0;
-        let mut decode_start = Instant::now();
-        let finish = loop {
-            let token = match steps.recv().await {
-                Some(Ok(t)) => t,
-                Some(Err(why)) => return Err(HeadError::Request(why)),
-                None => return Err(HeadError::Request("the request table dropped this request".into())),
-            };
-            if generated == 0 {
-                prefill_s = started.elapsed().as_secs_f64();
-                decode_start = Instant::now();
-            }
-            if req.stop_ids.contains(&token) {
-                break Finish::Stop;
-            }
-            generated += 1;
-            if events.send(Ok(Event::Token(token))).await.is_err() {
-                return Err(HeadError::Request("the client went away".into()));
-            }
-            if generated >= req.max_tokens {
-                break Finish::Length;
-            }
-            self.submit(seq, req.prompt.len() + generated - 1, &[token]).await?;
-        };
-        let decode_tok_s = generated.saturating_sub(1) as f64 / decode_start.elapsed().as_secs_f64().max(1e-9);
-        self.update_status(|s| {
-            s.tokens_generated += generated as u64;
-            s.last_decode_tok_s = decode_tok_s;
-        });
-        Ok(Event::Done { finish, prompt_tokens: req.prompt.len(), generated, prefill_s, decode_tok_s })
-    }
-
-    /// Sends one sequence's chunk down the chain, through the local stage 0 when there is one.
-    async fn submit(&self, seq: u64, start_pos: usize, tokens: &[u32]) -> Result<()> {
-        let mb = self.inner.next_micro_batch.fetch_add(1, Ordering::Relaxed);
-        let chunk = [SeqChunk { seq_id: seq, start_pos, n_tokens: tokens.len() }];
-        let frame = tokens_frame(mb, &chunk, tokens).map_err(|e| HeadError::Request(e.to_string()))?;
-        let frame = match &self.inner.local {
-            Some(stage) => match run_blocking(stage.clone(), frame).await {
-                Some(f) if f.kind == FrameKind::Control => return Err(HeadError::Request(parse_failure(&f).to_string())),
-                Some(f) => f,
-                None => return Err(HeadError::Request("stage 0 produced nothing".into())),
-            },
-            None => frame,
-        };
-        if let Err(e) = self.inner.downstream.send(&frame).await {
-            let why = self.fail_link(format!("the link to the first worker failed: {e}")).await;
-            return Err(HeadError::Unavailable(why));
-        }
-        Ok(())
-    }
-
-    async fn open_everywhere(&self, seq: u64, req: &GenerateRequest) -> Result<()> {
-        if let Some(stage) = &self.inner.local {
-            stage
-                .lock()
-                .map_err(|_| HeadError::Request("stage 0 poisoned".into()))?
-                .open_sequence(seq, Some((req.sampling.clone(), &req.prompt)))
-                .map_err(|e| HeadError::Request(e.to_string()))?;
-        }
-        let open = pb::OpenSequenceRequest { sequence_id: seq, sampling: Some(sampling_to_proto(&req.sampling)), prompt_tokens: req.prompt.clone() };
-        for w in &self.inner.workers {
-            let mut client = w.client.clone();
-            let call = client.open_sequence(open.clone());
-            match tokio::time::timeout(RPC_TIMEOUT, call).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(s)) => return Err(HeadError::Worker { worker: w.name.clone(), message: format!("open sequence: {}", s.message()) }),
-                Err(_) => return Err(HeadError::Worker { worker: w.name.clone(), message: "open sequence timed out".into() }),
-            }
-        }
-        Ok(())
-    }
-
-    /// Frees the sequence on every stage that still answers, and drops it from the table.
-    async fn close_everywhere(&self, seq: u64) {
-        if let Ok(mut r) = self.inner.requests.lock() {
-            r.waiting.remove(&seq);
-        }
-        if let Some(stage) = &self.inner.local {
-            if let Ok(mut s) = stage.lock() {
-                s.close_sequence(seq);
-            }
-        }
-        for w in &self.inner.workers {
-            let mut client = w.client.clone();
-            let call = client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq });
-            let _ = tokio::time::timeout(RPC_TIMEOUT, call).await;
-        }
     }
 
     /// Records that the head is exiting, so `baton status` does not show a stale cluster as serving.

@@ -1,11 +1,17 @@
 //! baton-head: the cluster's head.
 //!
-//! - [`head`]: connects workers, places layers, loads shards, links the chain and runs requests
-//!   (a request table keyed by sequence id; tokens stream back per request).
+//! - [`head`]: connects workers, places layers, loads shards, links the chain and runs requests.
+//! - [`scheduler`]: pipelined continuous batching: admission queue, micro-batches of several
+//!   sequences, chunked prefill mixed with decode, several micro-batches in flight.
+//! - [`backend`]: the head as a [`baton_api::Backend`], so the OpenAI API serves the cluster.
 //! - [`status`]: the cluster snapshot behind `baton status`.
 
+pub mod backend;
 pub mod head;
+pub mod scheduler;
 pub mod status;
 
+pub use backend::ClusterBackend;
 pub use head::{Event, Finish, GenerateRequest, Head, HeadConfig, HeadError};
+pub use scheduler::SchedulerConfig;
 pub use status::ClusterStatus;

@@ -40,6 +40,11 @@ pub struct NodeStatus {
     pub available_memory: u64,
     pub kv_bytes: u64,
     pub active_sequences: u32,
+    /// Micro-batches its stage ran and their forward time, cumulative (from heartbeats).
+    #[serde(default)]
+    pub forwards: u64,
+    #[serde(default)]
+    pub forward_seconds: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

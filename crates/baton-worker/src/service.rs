@@ -124,9 +124,12 @@ impl WorkerService {
     fn load(&self) -> pb::NodeLoad {
         let (_, available) = crate::sysinfo::memory();
         // Never wait for the stage: a heartbeat stuck behind a long forward would look like death.
+        let mut forwards = (0, 0.0);
         if let Some(Ok(s)) = self.stage().ok().flatten().as_ref().map(|s| s.try_lock()) {
             self.inner.kv_bytes.store(s.shard().kv_bytes(), Ordering::Relaxed);
             self.inner.active.store(s.shard().open_sequences() as u32, Ordering::Relaxed);
+            let (n, t) = s.forward_totals();
+            forwards = (n, t.as_secs_f64());
         }
         let (kv, active) = (self.inner.kv_bytes.load(Ordering::Relaxed), self.inner.active.load(Ordering::Relaxed));
         let state = match self.inner.state.load(Ordering::Relaxed) {
@@ -140,6 +143,8 @@ impl WorkerService {
             available_memory: available,
             kv_bytes_used: kv,
             active_sequences: active,
+            forwards: forwards.0,
+            forward_seconds: forwards.1,
             ..Default::default()
         }
     }

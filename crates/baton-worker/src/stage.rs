@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use baton_model::pipeline::WireDType;
 use baton_model::sampling::{Sampler, SamplingParams};
 use baton_model::shard::{Shard, ShardOutput};
-use baton_transport::{Frame, FrameKind, Link, SeqSpan};
+use baton_transport::{Frame, FrameKind, Link};
 use tokio::sync::mpsc;
 
 use crate::wire::{self, StageFailure};
@@ -26,11 +27,13 @@ pub struct Stage {
     wire: WireDType,
     samplers: HashMap<u64, SeqSampler>,
     tokens_processed: u64,
+    forwards: u64,
+    forward_time: Duration,
 }
 
 impl Stage {
     pub fn new(shard: Shard, wire: WireDType) -> Self {
-        Stage { shard, wire, samplers: HashMap::new(), tokens_processed: 0 }
+        Stage { shard, wire, samplers: HashMap::new(), tokens_processed: 0, forwards: 0, forward_time: Duration::ZERO }
     }
 
     pub fn shard(&self) -> &Shard {
@@ -45,6 +48,11 @@ impl Stage {
 
     pub fn tokens_processed(&self) -> u64 {
         self.tokens_processed
+    }
+
+    /// Micro-batches run and the time spent in their forward passes (sampling included).
+    pub fn forward_totals(&self) -> (u64, Duration) {
+        (self.forwards, self.forward_time)
     }
 
     /// Opens a sequence; the last stage also installs its sampler (`sampling` is then required).
@@ -71,17 +79,26 @@ impl Stage {
     }
 
     /// Runs one micro-batch frame: hidden states for the next stage, or on the last stage a Tokens
-    /// frame with one sampled id per sequence whose prompt is complete (`None` when no sequence
-    /// of the batch has finished its prompt yet).
+    /// frame with a sampled token (and its logprobs, see [`wire::sampled_payload`]) for each
+    /// sequence whose prompt is complete. The last stage answers every micro-batch, with no
+    /// sequences when none finished its prompt, so the head can count the micro-batches in flight.
     pub fn process(&mut self, frame: &Frame) -> Result<Option<Frame>> {
+        let started = Instant::now();
+        let out = self.forward(frame);
+        self.forwards += 1;
+        self.forward_time += started.elapsed();
+        out.map(Some)
+    }
+
+    fn forward(&mut self, frame: &Frame) -> Result<Frame> {
         let batch = wire::micro_batch(frame, self.shard.device())?;
         let out = self.shard.forward(&batch)?;
         self.tokens_processed += batch.total_tokens() as u64;
         match out {
-            ShardOutput::Hidden(h) => Ok(Some(wire::hidden_frame(frame.micro_batch, &batch.seqs, &h, self.wire)?)),
+            ShardOutput::Hidden(h) => wire::hidden_frame(frame.micro_batch, &batch.seqs, &h, self.wire),
             ShardOutput::Logits(logits) => {
                 let mut spans = Vec::new();
-                let mut ids = Vec::new();
+                let mut samples = Vec::new();
                 for (row, chunk) in batch.seqs.iter().enumerate() {
                     let s = self.samplers.get_mut(&chunk.seq_id).ok_or_else(|| {
                         WorkerError::Request(format!("sequence {} has no sampler on the last stage", chunk.seq_id))
@@ -89,13 +106,10 @@ impl Stage {
                     if chunk.start_pos + chunk.n_tokens < s.prompt_len {
                         continue;
                     }
-                    ids.push(s.sampler.sample(&logits.get(row)?)?.token);
+                    samples.push(s.sampler.sample(&logits.get(row)?)?);
                     spans.push(wire::spans(std::slice::from_ref(chunk))?[0]);
                 }
-                if spans.is_empty() {
-                    return Ok(None);
-                }
-                Ok(Some(Frame::tokens(frame.micro_batch, &spans, wire::encode_u32s(&ids))?))
+                Ok(Frame::tokens(frame.micro_batch, &spans, wire::sampled_payload(&samples))?)
             }
         }
     }
@@ -180,9 +194,4 @@ pub async fn run_loop(
     let _ = writer.await;
     downstream.close(&reason).await;
     upstream.close(&reason).await;
-}
-
-/// The spans of a Tokens frame paired with its ids (one id per sequence).
-pub fn sampled(frame: &Frame) -> Vec<(SeqSpan, u32)> {
-    frame.seqs.iter().zip(wire::decode_u32s(&frame.payload)).collect()
 }

@@ -2,6 +2,7 @@
 //! frames. Everything on the wire is little-endian, whatever the host.
 
 use baton_model::pipeline::WireDType;
+use baton_model::sampling::Sampled;
 use baton_model::shard::{BatchInput, MicroBatch, SeqChunk};
 use baton_transport::{DType, Frame, FrameKind, SeqSpan};
 use bytes::Bytes;
@@ -50,6 +51,42 @@ pub fn decode_u32s(payload: &[u8]) -> Vec<u32> {
 /// A Tokens frame of input ids for stage 0 (all sequences' tokens concatenated in list order).
 pub fn tokens_frame(micro_batch: u64, chunks: &[SeqChunk], ids: &[u32]) -> Result<Frame> {
     Ok(Frame::tokens(micro_batch, &spans(chunks)?, encode_u32s(ids))?)
+}
+
+/// The last stage's answer as a Tokens payload of 4-byte words: the sampled ids (one per
+/// sequence, in list order, so a reader that wants only ids takes the first `n` words), then per
+/// sequence its logprob (f32 bits), the number `k` of alternatives and `k` pairs (id, logprob).
+/// Logprobs travel with every token: 8 bytes per sequence when no alternatives are asked for,
+/// which is cheaper than a second round trip for the requests that want them.
+pub fn sampled_payload(samples: &[Sampled]) -> Bytes {
+    let mut words: Vec<u32> = samples.iter().map(|s| s.token).collect();
+    for s in samples {
+        words.push(s.logprob.to_bits());
+        words.push(s.top_logprobs.len() as u32);
+        for &(id, lp) in &s.top_logprobs {
+            words.push(id);
+            words.push(lp.to_bits());
+        }
+    }
+    encode_u32s(&words)
+}
+
+/// The sampled tokens of a last stage's Tokens frame, paired with their sequences.
+pub fn decode_sampled(frame: &Frame) -> Result<Vec<(SeqSpan, Sampled)>> {
+    let words = decode_u32s(&frame.payload);
+    let n = frame.seqs.len();
+    let short = || WorkerError::Frame(format!("sampled-token payload of {} words is short for {n} sequences", words.len()));
+    let (ids, mut rest) = (words.get(..n).ok_or_else(short)?, words.get(n..).ok_or_else(short)?);
+    let mut out = Vec::with_capacity(n);
+    for (span, &token) in frame.seqs.iter().zip(ids) {
+        let [lp, k, tail @ ..] = rest else { return Err(short()) };
+        let k = *k as usize;
+        let pairs = tail.get(..2 * k).ok_or_else(short)?;
+        let top_logprobs = pairs.chunks_exact(2).map(|p| (p[0], f32::from_bits(p[1]))).collect();
+        out.push((span, Sampled { token, logprob: f32::from_bits(*lp), top_logprobs }));
+        rest = &tail[2 * k..];
+    }
+    Ok(out)
 }
 
 /// Hidden states `[T, hidden]` (any float dtype) as a frame in the wire dtype.
@@ -150,6 +187,24 @@ mod tests {
         let mb = micro_batch(&frame, &Device::Cpu).unwrap();
         let BatchInput::Tokens(ids) = mb.input else { panic!("tokens expected") };
         assert_eq!(ids, vec![5, 6, 70000]);
+    }
+
+    #[test]
+    fn sampled_tokens_round_trip_with_logprobs() {
+        let spans = spans(&chunks()).unwrap();
+        let samples = vec![
+            Sampled { token: 42, logprob: -0.25, top_logprobs: vec![(42, -0.25), (7, -1.5)] },
+            Sampled { token: 70000, logprob: -3.0, top_logprobs: vec![] },
+        ];
+        let frame = Frame::tokens(4, &spans, sampled_payload(&samples)).unwrap();
+        let back = decode_sampled(&frame).unwrap();
+        assert_eq!(back.iter().map(|(s, _)| *s).collect::<Vec<_>>(), spans);
+        assert_eq!(back.into_iter().map(|(_, s)| s).collect::<Vec<_>>(), samples);
+        // A truncated payload is an error, not a panic.
+        let cut = Frame::tokens(4, &spans, frame.payload.slice(..frame.payload.len() - 4)).unwrap();
+        assert!(decode_sampled(&cut).is_err());
+        // No sequence sampled: an empty answer that still acknowledges the micro-batch.
+        assert!(decode_sampled(&Frame::tokens(5, &[], sampled_payload(&[])).unwrap()).unwrap().is_empty());
     }
 
     #[test]

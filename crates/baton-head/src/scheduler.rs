@@ -1,0 +1,539 @@
+//! The head's scheduler: pipelined continuous batching over the chain of stages.
+//!
+//! One task owns every sequence. Requests wait in an admission queue (capped: a full queue is
+//! [`SubmitError::QueueFull`]); up to `max_running` of them hold KV on the stages. Between steps
+//! the scheduler packs micro-batches from the running sequences: decode tokens (least recently
+//! served first, so streams take turns) plus at most `prefill_chunk` prompt tokens, so a long
+//! prompt enters in chunks interleaved with everyone else's decode steps instead of stalling
+//! them. Up to `max_in_flight` micro-batches (by default one per stage) travel the chain at once,
+//! so while the last stage works on one batch the first works on the next; the decode sequences
+//! are spread over that many batches for the same reason.
+//!
+//! A sequence is closed on every stage only when none of its micro-batches is in flight: a stage
+//! that meets an unknown sequence fails the whole micro-batch, other sequences included.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_api::backend::{GenerationRequest, StreamEvent, SubmitError, TokenStream};
+use baton_model::generation::Finish;
+use baton_model::sampling::{Sampled, SamplingParams};
+use baton_model::shard::SeqChunk;
+use baton_proto::pb::{self, worker_client::WorkerClient};
+use baton_transport::{Frame, FrameKind, Link};
+use baton_worker::service::sampling_to_proto;
+use baton_worker::stage::run_blocking;
+use baton_worker::wire::{parse_failure, tokens_frame};
+use baton_worker::Stage;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tonic::transport::Channel;
+
+/// Open and close RPCs give up after this.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in one micro-batch at most.
+    pub max_batch: usize,
+    /// Sequences holding KV on the stages at once; more wait in the queue.
+    pub max_running: usize,
+    /// Sequences admitted (running + waiting); more get [`SubmitError::QueueFull`].
+    pub max_queued: usize,
+    /// Prompt tokens in one micro-batch at most (the prefill chunk).
+    pub prefill_chunk: usize,
+    /// Micro-batches travelling the chain at once; `0` is one per stage.
+    pub max_in_flight: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { max_batch: 8, max_running: 16, max_queued: 64, prefill_chunk: 256, max_in_flight: 0 }
+    }
+}
+
+/// How the scheduler reaches the stages.
+pub(crate) struct Chain {
+    pub local: Option<Arc<Mutex<Stage>>>,
+    pub downstream: Arc<Link>,
+    pub workers: Vec<(String, WorkerClient<Channel>)>,
+    /// Stages in the chain (the default for `max_in_flight`).
+    pub n_stages: usize,
+    /// Called once the link to the first worker fails: the cluster cannot serve any more.
+    pub on_link_failure: Box<dyn Fn(String) + Send + Sync>,
+}
+
+/// Figures the API's `/metrics` and readiness read while the scheduler runs.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Admitted and not yet closed (waiting + running).
+    pub admitted: AtomicUsize,
+    /// Holding or acquiring KV on the stages.
+    pub running: AtomicUsize,
+    pub micro_batches: AtomicU64,
+    /// Stage 0 on the head: forwards, their time, its KV bytes.
+    pub local_forwards: AtomicU64,
+    pub local_forward_nanos: AtomicU64,
+    pub local_kv_bytes: AtomicU64,
+    /// Set once the cluster cannot serve; later submissions are refused with it.
+    pub failed: Mutex<Option<String>>,
+}
+
+pub(crate) struct Job {
+    req: GenerationRequest,
+    tx: UnboundedSender<StreamEvent>,
+}
+
+pub(crate) enum Msg {
+    Admit(Job),
+    Opened { seq: u64, result: Result<(), String> },
+    Closed { seq: u64 },
+    /// What came back for a micro-batch: sampled tokens by sequence, or why it failed.
+    Returned { micro_batch: u64, result: Result<Vec<(u64, Sampled)>, String> },
+    /// The cluster lost a node or link.
+    Fail(String),
+}
+
+/// The API side of the scheduler: admission.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub tx: UnboundedSender<Msg>,
+    pub counters: Arc<Counters>,
+    max_queued: usize,
+}
+
+impl Handle {
+    pub fn new(cfg: &SchedulerConfig) -> (Self, UnboundedReceiver<Msg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx, counters: Arc::default(), max_queued: cfg.max_queued.max(1) }, rx)
+    }
+
+    pub fn failed(&self) -> Option<String> {
+        self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Queues a request; the caller has validated it against the model.
+    pub fn submit(&self, req: GenerationRequest) -> Result<TokenStream, SubmitError> {
+        if let Some(why) = self.failed() {
+            return Err(SubmitError::NotReady(why));
+        }
+        if req.prompt_tokens.is_empty() {
+            return Err(SubmitError::Invalid("the prompt has no tokens".into()));
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
+        }
+        // Reserve the slot first, so that concurrent submissions cannot overshoot the cap.
+        if self.counters.admitted.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
+            self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let (tx, stream) = TokenStream::channel();
+        if self.tx.send(Msg::Admit(Job { req, tx })).is_err() {
+            self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::NotReady("the scheduler has stopped".into()));
+        }
+        Ok(stream)
+    }
+}
+
+#[derive(PartialEq)]
+enum Phase {
+    Opening,
+    Running,
+    Closing,
+}
+
+struct Seq {
+    job: Job,
+    phase: Phase,
+    /// Prompt tokens sent down the chain so far.
+    sent: usize,
+    generated: usize,
+    /// The last sampled token, to be fed back as the next decode step.
+    next: Option<u32>,
+    /// Micro-batches in flight that carry this sequence.
+    in_flight: usize,
+    /// Set when the sequence is done (finished, failed or abandoned); it closes once nothing of
+    /// it is in flight.
+    ending: bool,
+    /// When it last went into a micro-batch (a step counter), for fairness.
+    served: u64,
+}
+
+impl Seq {
+    fn prompt_len(&self) -> usize {
+        self.job.req.prompt_tokens.len()
+    }
+}
+
+struct Scheduler {
+    cfg: SchedulerConfig,
+    chain: Arc<Chain>,
+    counters: Arc<Counters>,
+    tx: UnboundedSender<Msg>,
+    feeder: UnboundedSender<(u64, Frame)>,
+    waiting: VecDeque<Job>,
+    seqs: HashMap<u64, Seq>,
+    /// Micro-batch id → the sequences it carries.
+    in_flight: HashMap<u64, Vec<u64>>,
+    next_seq: u64,
+    next_micro_batch: u64,
+    clock: u64,
+}
+
+/// Runs the scheduler until the head's handle is dropped.
+pub(crate) async fn run(handle: Handle, mut rx: UnboundedReceiver<Msg>, cfg: SchedulerConfig, chain: Chain) {
+    let chain = Arc::new(chain);
+    let (feeder, frames) = mpsc::unbounded_channel();
+    tokio::spawn(feed(chain.clone(), handle.counters.clone(), handle.tx.clone(), frames));
+    let mut cfg = cfg;
+    cfg.max_batch = cfg.max_batch.max(1);
+    cfg.max_running = cfg.max_running.max(1);
+    cfg.prefill_chunk = cfg.prefill_chunk.max(1);
+    if cfg.max_in_flight == 0 {
+        cfg.max_in_flight = chain.n_stages.max(1);
+    }
+    let mut s = Scheduler {
+        cfg,
+        chain,
+        counters: handle.counters.clone(),
+        tx: handle.tx.clone(),
+        feeder,
+        waiting: VecDeque::new(),
+        seqs: HashMap::new(),
+        in_flight: HashMap::new(),
+        next_seq: 1,
+        next_micro_batch: 1,
+        clock: 0,
+    };
+    // The scheduler holds a sender itself (for its open/close tasks), so the channel never closes;
+    // it lives as long as the head's process.
+    drop(handle);
+    while let Some(msg) = rx.recv().await {
+        s.handle(msg);
+        // Take whatever else is waiting before packing, so that one step's returns and arrivals
+        // go into the same micro-batches.
+        while let Ok(msg) = rx.try_recv() {
+            s.handle(msg);
+        }
+        s.promote();
+        while s.in_flight.len() < s.cfg.max_in_flight && s.dispatch() {}
+    }
+}
+
+impl Scheduler {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Admit(job) => {
+                if self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                    self.reject(job, "the cluster is not serving");
+                } else {
+                    self.waiting.push_back(job);
+                }
+            }
+            Msg::Opened { seq, result } => {
+                let Some(s) = self.seqs.get_mut(&seq) else { return };
+                if let Err(why) = result {
+                    if !s.ending {
+                        let _ = s.job.tx.send(StreamEvent::Failed(why));
+                        s.ending = true;
+                    }
+                }
+                // Running from here, even when ending: closing frees what the stages that did
+                // open it hold.
+                s.phase = Phase::Running;
+                self.close_if_idle(seq);
+            }
+            Msg::Closed { seq } => {
+                if self.seqs.remove(&seq).is_some() {
+                    self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                    self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Msg::Returned { micro_batch, result } => {
+                let Some(members) = self.in_flight.remove(&micro_batch) else { return };
+                for seq in &members {
+                    if let Some(s) = self.seqs.get_mut(seq) {
+                        s.in_flight -= 1;
+                    }
+                }
+                match result {
+                    Ok(samples) => {
+                        for (seq, sampled) in samples {
+                            self.token(seq, sampled);
+                        }
+                    }
+                    Err(why) => {
+                        for seq in &members {
+                            if let Some(s) = self.seqs.get_mut(seq) {
+                                if !s.ending {
+                                    let _ = s.job.tx.send(StreamEvent::Failed(why.clone()));
+                                    s.ending = true;
+                                }
+                            }
+                        }
+                    }
+                }
+                for seq in members {
+                    self.close_if_idle(seq);
+                }
+            }
+            Msg::Fail(why) => {
+                *self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                while let Some(job) = self.waiting.pop_front() {
+                    self.reject(job, &why);
+                }
+                // Nothing in flight will come back.
+                self.in_flight.clear();
+                let ids: Vec<u64> = self.seqs.keys().copied().collect();
+                for seq in ids {
+                    let s = self.seqs.get_mut(&seq).expect("listed above");
+                    if !s.ending {
+                        let _ = s.job.tx.send(StreamEvent::Failed(why.clone()));
+                        s.ending = true;
+                    }
+                    s.in_flight = 0;
+                    self.close_if_idle(seq);
+                }
+            }
+        }
+    }
+
+    /// Ends a job that never ran.
+    fn reject(&self, job: Job, why: &str) {
+        let _ = job.tx.send(StreamEvent::Failed(why.to_string()));
+        self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A token the last stage sampled for `seq`.
+    fn token(&mut self, seq: u64, sampled: Sampled) {
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        if s.ending {
+            return;
+        }
+        let req = &s.job.req;
+        let end = if req.stop_token_ids.contains(&sampled.token) {
+            Some(Finish::Stop)
+        } else {
+            let token = sampled.token;
+            s.generated += 1;
+            if s.job.tx.send(StreamEvent::Token(sampled)).is_err() {
+                // The client went away: stop here, silently.
+                s.ending = true;
+                None
+            } else if s.generated >= req.max_tokens {
+                Some(Finish::Length)
+            } else {
+                s.next = Some(token);
+                None
+            }
+        };
+        if let Some(finish) = end {
+            let _ = s.job.tx.send(StreamEvent::Finished(finish));
+            s.ending = true;
+        }
+    }
+
+    /// Closes `seq` on every stage once it is ending and nothing of it is in flight.
+    fn close_if_idle(&mut self, seq: u64) {
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        // An opening sequence closes when its open returns (closing now could race the open).
+        if !s.ending || s.in_flight > 0 || s.phase != Phase::Running {
+            return;
+        }
+        s.phase = Phase::Closing;
+        let (chain, counters, tx) = (self.chain.clone(), self.counters.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            close_everywhere(&chain, &counters, seq).await;
+            let _ = tx.send(Msg::Closed { seq });
+        });
+    }
+
+    /// Moves queued jobs into the running set while there is room, opening them on every stage.
+    fn promote(&mut self) {
+        while self.seqs.len() < self.cfg.max_running {
+            let Some(job) = self.waiting.pop_front() else { return };
+            if job.tx.is_closed() {
+                // Left while queued: it costs nothing more.
+                self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let (sampling, prompt) = (job.req.sampling.clone(), job.req.prompt_tokens.clone());
+            self.counters.running.fetch_add(1, Ordering::SeqCst);
+            self.seqs.insert(
+                seq,
+                Seq { job, phase: Phase::Opening, sent: 0, generated: 0, next: None, in_flight: 0, ending: false, served: 0 },
+            );
+            let (chain, tx) = (self.chain.clone(), self.tx.clone());
+            tokio::spawn(async move {
+                let result = open_everywhere(&chain, seq, sampling, prompt).await;
+                let _ = tx.send(Msg::Opened { seq, result });
+            });
+        }
+    }
+
+    /// Packs and sends one micro-batch; false when no sequence has work that can go now.
+    fn dispatch(&mut self) -> bool {
+        // Abandoned streams stop at their next step.
+        let abandoned: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Running && !s.ending && s.job.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for seq in abandoned {
+            if let Some(s) = self.seqs.get_mut(&seq) {
+                s.ending = true;
+            }
+            self.close_if_idle(seq);
+        }
+        let cfg = self.cfg.clone();
+        let live = |s: &Seq| s.phase == Phase::Running && !s.ending;
+        let decoding = self.seqs.values().filter(|s| live(s) && s.sent == s.prompt_len()).count();
+        // Spread the decoding streams over the micro-batches in flight, so every stage has work.
+        let per_batch = decoding.div_ceil(cfg.max_in_flight).clamp(1, cfg.max_batch);
+        let mut ready: Vec<(u64, u64)> =
+            self.seqs.iter().filter(|(_, s)| live(s) && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
+        ready.sort_unstable();
+        ready.truncate(per_batch);
+        let mut prefill: Vec<u64> = self.seqs.iter().filter(|(_, s)| live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
+        // First come, first prefilled.
+        prefill.sort_unstable();
+
+        let mut chunks = Vec::new();
+        let mut ids = Vec::new();
+        for (_, seq) in ready {
+            let s = self.seqs.get_mut(&seq).expect("listed above");
+            let token = s.next.take().expect("ready means a token is waiting");
+            chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.generated - 1, n_tokens: 1 });
+            ids.push(token);
+        }
+        let mut budget = cfg.prefill_chunk;
+        for seq in prefill {
+            if budget == 0 || chunks.len() >= cfg.max_batch {
+                break;
+            }
+            let s = self.seqs.get_mut(&seq).expect("listed above");
+            let n = (s.prompt_len() - s.sent).min(budget);
+            chunks.push(SeqChunk { seq_id: seq, start_pos: s.sent, n_tokens: n });
+            ids.extend_from_slice(&s.job.req.prompt_tokens[s.sent..s.sent + n]);
+            s.sent += n;
+            budget -= n;
+        }
+        if chunks.is_empty() {
+            return false;
+        }
+
+        let mb = self.next_micro_batch;
+        self.next_micro_batch += 1;
+        self.clock += 1;
+        for c in &chunks {
+            let s = self.seqs.get_mut(&c.seq_id).expect("listed above");
+            s.in_flight += 1;
+            s.served = self.clock;
+        }
+        let members: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
+        match tokens_frame(mb, &chunks, &ids) {
+            Ok(frame) => {
+                self.in_flight.insert(mb, members);
+                self.counters.micro_batches.fetch_add(1, Ordering::Relaxed);
+                if self.feeder.send((mb, frame)).is_err() {
+                    let _ = self.tx.send(Msg::Fail("the chain feeder stopped".into()));
+                }
+            }
+            Err(e) => {
+                // Cannot happen for positions and sizes the scheduler makes; fail just these.
+                self.in_flight.insert(mb, members);
+                let _ = self.tx.send(Msg::Returned { micro_batch: mb, result: Err(e.to_string()) });
+            }
+        }
+        true
+    }
+}
+
+/// Sends micro-batches into the chain in the order they were packed: through stage 0 when the
+/// head hosts it, then over the link to the first worker. One task, so that the chunks of one
+/// prompt reach every stage in order.
+async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Msg>, mut frames: UnboundedReceiver<(u64, Frame)>) {
+    while let Some((mb, frame)) = frames.recv().await {
+        let frame = match &chain.local {
+            Some(stage) => {
+                let started = Instant::now();
+                let out = run_blocking(stage.clone(), frame).await;
+                counters.local_forwards.fetch_add(1, Ordering::Relaxed);
+                counters.local_forward_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                if let Ok(s) = stage.lock() {
+                    counters.local_kv_bytes.store(s.shard().kv_bytes(), Ordering::Relaxed);
+                }
+                match out {
+                    Some(f) if f.kind == FrameKind::Control => {
+                        let _ = tx.send(Msg::Returned { micro_batch: mb, result: Err(parse_failure(&f).to_string()) });
+                        continue;
+                    }
+                    Some(f) => f,
+                    None => {
+                        let _ = tx.send(Msg::Returned { micro_batch: mb, result: Err("stage 0 produced nothing".into()) });
+                        continue;
+                    }
+                }
+            }
+            None => frame,
+        };
+        if let Err(e) = chain.downstream.send(&frame).await {
+            (chain.on_link_failure)(format!("the link to the first worker failed: {e}"));
+            return;
+        }
+    }
+}
+
+/// Opens the sequence on every stage; the last stage installs its sampler.
+async fn open_everywhere(chain: &Chain, seq: u64, sampling: SamplingParams, prompt: Vec<u32>) -> Result<(), String> {
+    let open = pb::OpenSequenceRequest { sequence_id: seq, sampling: Some(sampling_to_proto(&sampling)), prompt_tokens: prompt.clone() };
+    if let Some(stage) = &chain.local {
+        let stage = stage.clone();
+        // The lock waits for a running forward: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            stage
+                .lock()
+                .map_err(|_| "stage 0 poisoned".to_string())?
+                .open_sequence(seq, Some((sampling, &prompt)))
+                .map_err(|e| format!("stage 0: open sequence: {e}"))
+        })
+        .await
+        .map_err(|e| format!("stage 0: open task: {e}"))??;
+    }
+    for (name, client) in &chain.workers {
+        let mut client = client.clone();
+        match tokio::time::timeout(RPC_TIMEOUT, client.open_sequence(open.clone())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => return Err(format!("worker {name}: open sequence: {}", s.message())),
+            Err(_) => return Err(format!("worker {name}: open sequence timed out")),
+        }
+    }
+    Ok(())
+}
+
+/// Frees the sequence on every stage that still answers.
+async fn close_everywhere(chain: &Chain, counters: &Counters, seq: u64) {
+    if let Some(stage) = &chain.local {
+        let stage = stage.clone();
+        let kv = tokio::task::spawn_blocking(move || {
+            stage.lock().ok().map(|mut s| {
+                s.close_sequence(seq);
+                s.shard().kv_bytes()
+            })
+        })
+        .await;
+        if let Ok(Some(kv)) = kv {
+            counters.local_kv_bytes.store(kv, Ordering::Relaxed);
+        }
+    }
+    for (_, client) in &chain.workers {
+        let mut client = client.clone();
+        let _ = tokio::time::timeout(RPC_TIMEOUT, client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq })).await;
+    }
+}
