@@ -169,9 +169,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
 /// The cluster as the head would see it: mDNS for a bounded time plus the static peers.
 fn discovered_nodes(config: &ClusterConfig, args: &PlanArgs) -> Result<Vec<NodeCapacity>> {
     let key_file = config.key_file()?;
-    let cluster_id = ClusterKey::load(&key_file)
-        .with_context(|| "planning over the discovered cluster needs its key (or give --nodes)")?
-        .cluster_id();
+    let key = ClusterKey::load(&key_file)
+        .with_context(|| "planning over the discovered cluster needs its key (or give --nodes)")?;
+    let cluster_id = key.cluster_id();
     let browse = Duration::from_millis(args.browse_ms.unwrap_or(config.discovery.browse_ms));
     let peers = config.peers.clone();
     let mdns = config.discovery.mdns;
@@ -196,8 +196,10 @@ fn discovered_nodes(config: &ClusterConfig, args: &PlanArgs) -> Result<Vec<NodeC
                     .enable_all()
                     .build()?;
                 let timeout = browse.max(Duration::from_secs(2));
-                let failed =
-                    runtime.block_on(discovery::probe_static_peers(&peers, &inventory, timeout));
+                let security = baton_proto::ControlSecurity::new(key.as_bytes())?;
+                let failed = runtime.block_on(discovery::probe_static_peers(
+                    &peers, &inventory, &security, timeout,
+                ));
                 for (peer, why) in failed {
                     eprintln!("static peer {peer}: {why}");
                 }

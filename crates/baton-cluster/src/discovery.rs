@@ -531,16 +531,17 @@ pub fn browse_for(cluster_id: &str, duration: Duration) -> Result<Vec<NodeEntry>
     Ok(browser.snapshot())
 }
 
-/// Asks each static peer (`host:port`) for its `Hello` and adds it to `inventory`. Returns the
-/// peers that could not be reached, with why.
+/// Asks each static peer (`host:port`) for its `Hello` over the secure control channel and adds
+/// it to `inventory`. Returns the peers that could not be reached or refused, with why.
 pub async fn probe_static_peers(
     peers: &[String],
     inventory: &Mutex<Inventory>,
+    security: &baton_proto::ControlSecurity,
     timeout: Duration,
 ) -> Vec<(String, String)> {
     let mut failed = Vec::new();
     for peer in peers {
-        match hello(peer, timeout).await {
+        match hello(peer, security, timeout).await {
             Ok((info, addrs, port)) => {
                 let advert = Advert::from_node_info(&info, port);
                 if let Ok(mut inv) = inventory.lock() {
@@ -566,25 +567,29 @@ pub async fn probe_static_peers(
 
 async fn hello(
     peer: &str,
+    security: &baton_proto::ControlSecurity,
     timeout: Duration,
 ) -> Result<(baton_proto::pb::NodeInfo, Vec<SocketAddr>, u16), String> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(peer)
         .await
         .map_err(|e| format!("cannot resolve: {e}"))?
         .collect();
-    let port = addrs
-        .first()
-        .map(|a| a.port())
-        .ok_or("resolves to no address")?;
+    let first = *addrs.first().ok_or("resolves to no address")?;
+    let port = first.port();
     let request = baton_proto::pb::HelloRequest {
         protocol: Some(baton_proto::local_protocol()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ..Default::default()
     };
     let call = async {
-        let mut client = baton_proto::connect(format!("http://{peer}"), timeout)
+        let mut client = baton_proto::connect(first, security, timeout)
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| match e {
+                baton_proto::SecureError::Refused(why) => {
+                    format!("refused: it does not hold this cluster's key ({why})")
+                }
+                e => format!("cannot connect: {e}"),
+            })?;
         client
             .hello(request)
             .await

@@ -152,11 +152,17 @@ fn link_status(from: &str, to: &str, r: &NegotiationReport) -> LinkStatus {
     }
 }
 
-async fn hello(endpoint: &str, cfg: &HeadConfig) -> Result<WorkerHandle> {
+async fn hello(endpoint: &str, cfg: &HeadConfig, security: &baton_proto::ControlSecurity) -> Result<WorkerHandle> {
     let werr = |message: String| HeadError::Worker { worker: endpoint.to_string(), message };
-    let mut client = baton_proto::connect(format!("http://{endpoint}"), Duration::from_secs(5))
+    let addr = tokio::net::lookup_host(endpoint)
         .await
-        .map_err(|e| werr(format!("cannot connect: {e}")))?;
+        .map_err(|e| werr(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| werr("resolves to no address".into()))?;
+    let mut client = baton_proto::connect(addr, security, Duration::from_secs(5)).await.map_err(|e| match e {
+        baton_proto::SecureError::Refused(why) => werr(format!("refused: it does not hold this cluster's key ({why})")),
+        e => werr(format!("cannot connect: {e}")),
+    })?;
     let reply = client
         .hello(pb::HelloRequest {
             head_id: cfg.id.clone(),
@@ -231,9 +237,10 @@ impl Head {
         let manifest = source.manifest();
         let n_layers = source.config().n_layers;
 
+        let security = baton_proto::ControlSecurity::new(cfg.key.as_bytes()).map_err(|e| HeadError::Config(e.to_string()))?;
         let mut workers = Vec::new();
         for endpoint in &cfg.workers {
-            let w = hello(endpoint, &cfg).await?;
+            let w = hello(endpoint, &cfg, &security).await?;
             tracing::info!("worker {} ({}) at {endpoint}: backend {}, {} MiB available", w.name, w.info.id, w.info.backend().short_name(), w.info.available_memory >> 20);
             workers.push(w);
         }

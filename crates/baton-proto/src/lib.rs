@@ -6,8 +6,10 @@
 //!   difference.
 //! - [`weights_stream`]: chunking, checksums and resume for pushing a shard's tensors to a worker.
 //! - [`worker_server`] / [`connect`]: the service and client with message sizes bounded explicitly.
+//! - [`secure`]: every control connection is TLS 1.3 with the cluster-key handshake inside.
 
 pub mod negotiate;
+pub mod secure;
 pub mod weights_stream;
 
 mod convert;
@@ -44,15 +46,4 @@ pub fn worker_client(
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Connects to a worker's control endpoint (`http://host:port`), giving up after `timeout`.
-/// No per-request deadline is set: `LoadShard` and `Health` streams last as long as they must.
-pub async fn connect(
-    endpoint: String,
-    timeout: std::time::Duration,
-) -> Result<pb::worker_client::WorkerClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .connect_timeout(timeout)
-        .connect()
-        .await?;
-    Ok(worker_client(channel))
-}
+pub use secure::{connect, ControlSecurity, SecureError};

@@ -8,6 +8,9 @@ use std::time::Duration;
 use baton_proto::pb::worker_server::Worker;
 use baton_proto::pb::{self, weights_push::Item};
 use baton_proto::weights_stream::{self, Receiver};
+use baton_proto::{ControlSecurity, SecureError};
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -183,23 +186,91 @@ impl Worker for Stub {
     }
 }
 
-async fn start(stub: Stub) -> String {
+const KEY: [u8; 32] = [7; 32];
+
+fn security(key: &[u8]) -> ControlSecurity {
+    ControlSecurity::new(key).unwrap()
+}
+
+/// The stub behind the secure control channel, holding [`KEY`].
+async fn start(stub: Stub) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let incoming = security(&KEY).incoming(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(baton_proto::worker_server(stub))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
-    format!("http://{addr}")
+    addr
 }
 
-async fn client(
-    endpoint: String,
-) -> baton_proto::pb::worker_client::WorkerClient<tonic::transport::Channel> {
-    baton_proto::connect(endpoint, Duration::from_secs(5))
+async fn client(addr: SocketAddr) -> pb::worker_client::WorkerClient<tonic::transport::Channel> {
+    baton_proto::connect(addr, &security(&KEY), Duration::from_secs(5))
         .await
         .unwrap()
+}
+
+fn hello_request() -> pb::HelloRequest {
+    pb::HelloRequest {
+        protocol: Some(baton_proto::local_protocol()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_peer_with_another_cluster_key_is_refused() {
+    let result = tokio::time::timeout(Duration::from_secs(20), async {
+        let addr = start(Stub::default()).await;
+        let err = baton_proto::connect(addr, &security(&[9; 32]), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        match &err {
+            SecureError::Refused(why) => assert!(why.contains("cluster"), "{why}"),
+            e => panic!("expected a refusal, got {e:?}"),
+        }
+        // The server is unharmed: a member still gets in.
+        client(addr).await.hello(hello_request()).await.unwrap();
+    })
+    .await;
+    result.expect("test timed out");
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_rejected() {
+    let result = tokio::time::timeout(Duration::from_secs(20), async {
+        let addr = start(Stub::default()).await;
+        // Plain gRPC (HTTP/2 without TLS or key): no answer, whatever it asks.
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        if let Ok(channel) = plain.connect().await {
+            let err = pb::worker_client::WorkerClient::new(channel)
+                .hello(hello_request())
+                .await
+                .unwrap_err();
+            assert_ne!(err.code(), tonic::Code::Ok);
+        }
+        // Raw bytes: the server hangs up rather than answering.
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf))
+            .await
+            .expect("the server neither answered nor hung up")
+            .unwrap_or(0);
+        assert!(
+            n == 0 || buf[0] == 0x15,
+            "expected a hang-up or a TLS alert, got {:?}",
+            &buf[..n]
+        );
+        client(addr).await.hello(hello_request()).await.unwrap();
+    })
+    .await;
+    result.expect("test timed out");
 }
 
 #[tokio::test]
@@ -352,18 +423,16 @@ async fn weight_push_resumes_after_a_dropped_stream() {
 #[tokio::test]
 async fn messages_over_the_bound_are_refused() {
     let result = tokio::time::timeout(Duration::from_secs(30), async {
-        let endpoint = start(Stub::default()).await;
+        let addr = start(Stub::default()).await;
         let huge = pb::WeightSet {
             shard_key: "x".repeat(baton_proto::MAX_MESSAGE_BYTES + 1),
             tensors: vec![],
         };
         // Our client will not send it...
-        let mut bounded = client(endpoint.clone()).await;
+        let mut bounded = client(addr).await;
         assert!(bounded.resume_weights(huge.clone()).await.is_err());
         // ...and a peer that does is refused by the server's decode limit.
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)
-            .unwrap()
-            .connect()
+        let channel = baton_proto::secure::channel(addr, &security(&KEY), Duration::from_secs(5))
             .await
             .unwrap();
         let mut unbounded = pb::worker_client::WorkerClient::new(channel)

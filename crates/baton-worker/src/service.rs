@@ -99,6 +99,17 @@ impl WorkerService {
         })
     }
 
+    /// The next data link whose peer proves the cluster key: a connection that fails the key
+    /// handshake is logged and dropped, and the wait goes on for the peer the head announced.
+    async fn accept_authenticated(&self) -> Result<baton_transport::Negotiated, baton_transport::LinkError> {
+        loop {
+            match self.inner.acceptor.accept().await {
+                Err(baton_transport::LinkError::Auth(e)) => tracing::warn!("refused a data connection: {e}"),
+                r => return r,
+            }
+        }
+    }
+
     pub fn data_addr(&self) -> Result<SocketAddr, baton_transport::LinkError> {
         self.inner.acceptor.local_addr()
     }
@@ -384,7 +395,7 @@ impl Worker for WorkerService {
         opts.preference = preference_from_proto(req.preference);
         let role = pb::LinkRole::try_from(req.role).unwrap_or(pb::LinkRole::Unspecified);
         let negotiated = match role {
-            pb::LinkRole::Accept => tokio::time::timeout(timeout, self.inner.acceptor.accept()).await,
+            pb::LinkRole::Accept => tokio::time::timeout(timeout, self.accept_authenticated()).await,
             pb::LinkRole::Connect => {
                 let addr: SocketAddr = req
                     .peer_addrs
@@ -514,10 +525,12 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves the control plane on `listener` until a `Shutdown` call or `stop` resolves.
+/// Serves the control plane on `listener` until a `Shutdown` call or `stop` resolves. Only
+/// connections that pass TLS and prove the cluster key reach the service.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
+    security: &baton_proto::ControlSecurity,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let shutdown = service.inner.shutdown.clone();
@@ -529,6 +542,6 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .add_service(baton_proto::worker_server(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(security.incoming(listener), signal)
         .await
 }
