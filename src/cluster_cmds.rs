@@ -157,8 +157,8 @@ pub struct ApiFlags {
     /// The most max_tokens a request may ask for; default: the context length.
     #[arg(long)]
     pub max_tokens_limit: Option<usize>,
-    /// cluster.toml for API keys; default: $BATON_CONFIG, else ~/.config/baton/cluster.toml if
-    /// present.
+    /// cluster.toml (API keys; placement overrides and per-node model paths for the head);
+    /// default: $BATON_CONFIG, else ~/.config/baton/cluster.toml if present.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -327,6 +327,7 @@ fn head_config(model: PathBuf, workers: Vec<String>, wire: WireDType, local_stag
         bind_ip,
         status_path: Some(state_dir.join(STATUS_FILE)),
         scheduler: run.scheduler.config(),
+        cluster: ClusterConfig::load_or_default(run.api.config.as_deref())?,
     })
 }
 

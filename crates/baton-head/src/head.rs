@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use baton_api::backend::{BackendStats, GenerationRequest, LinkStats, StageStats, StreamEvent, SubmitError, TokenStream};
 
 use baton_model::loader::ModelSource;
-use baton_model::pipeline::{even_split, WireDType};
+use baton_model::pipeline::WireDType;
 use baton_model::sampling::SamplingParams;
 use baton_model::shard::Shard;
 use baton_proto::pb::{self, worker_client::WorkerClient};
@@ -29,6 +29,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::scheduler::{self, Chain, Msg, SchedulerConfig};
+use crate::placement::{place, NodeReport, Placement};
 use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
 
 /// How long a worker may stay silent on its health stream before it is declared dead (a host
@@ -48,6 +49,10 @@ pub enum HeadError {
     Worker { worker: String, message: String },
     #[error("link setup: {0}")]
     Link(String),
+    /// The model does not fit the nodes (the message gives the shortfall per node), or a manual
+    /// placement is wrong.
+    #[error("placement: {0}")]
+    Plan(String),
     #[error("{0}")]
     Config(String),
     /// The cluster lost a node or a link; no request can run until it is rebuilt.
@@ -75,6 +80,9 @@ pub struct HeadConfig {
     pub bind_ip: IpAddr,
     pub status_path: Option<PathBuf>,
     pub scheduler: SchedulerConfig,
+    /// cluster.toml: memory overrides, headroom, KV budget and manual ranges for placement;
+    /// per-node model paths.
+    pub cluster: baton_cluster::config::ClusterConfig,
 }
 
 /// One request: prompt tokens, sampling, budget and the ids that end it.
@@ -245,11 +253,20 @@ impl Head {
             workers.push(w);
         }
 
-        // Placement: contiguous ranges of (almost) equal layer counts, head first when it hosts
-        // stage 0. The memory-aware planner of baton-cluster is not wired in yet.
-        let n_stages = workers.len() + usize::from(cfg.local_stage);
-        let ranges = even_split(n_layers, n_stages)?;
-        let placement = format!("even split of {n_layers} layers over {n_stages} stages");
+        // Placement over the chain: the head first when it hosts stage 0, then the workers.
+        let mut reports = Vec::new();
+        if cfg.local_stage {
+            let (total, available) = baton_worker::sysinfo::memory();
+            let backend = if cfg.device.is_cuda() { "cuda" } else if cfg.device.is_metal() { "metal" } else { "cpu" };
+            reports.push(NodeReport { name: cfg.name.clone(), total_memory: total, available_memory: available, backend: backend.into(), bandwidth: 0 });
+        }
+        for w in &workers {
+            reports.push(NodeReport { name: w.name.clone(), total_memory: w.info.total_memory, available_memory: w.info.available_memory, backend: w.info.backend().short_name().into(), bandwidth: w.info.memory_bandwidth });
+        }
+        let batch_tokens = (cfg.scheduler.prefill_chunk + cfg.scheduler.max_batch) as u64;
+        let Placement { ranges, how: placement } = place(&manifest, &reports, &cfg.cluster, batch_tokens, cfg.local_stage)?;
+        let n_stages = ranges.len();
+        tracing::info!("placement: {placement}");
         let (local_range, worker_ranges) = if cfg.local_stage { (Some(ranges[0].clone()), &ranges[1..]) } else { (None, &ranges[..]) };
 
         let mut status = ClusterStatus {
