@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The API's client-side tests: builds the single-process server (crates/baton-api/examples/
-# serve_local.rs), starts it on a free loopback port with the real SmolLM2 model and an API key,
-# then runs, each under a time limit,
+# The API's client-side tests against a real cluster: builds the `baton` binary, starts
+# `baton serve --workers 2` (the head running stage 0 plus two worker processes on loopback) with the
+# real SmolLM2 model and an API key on a free loopback port, then runs, each under a time limit,
 #   1. tests/api/test_openai.py with the real `openai` package (pytest), and
 #   2. schemathesis against /openapi.json for a bounded number of cases (no 5xx, responses match
 #      the schema, status codes and content types are the documented ones).
@@ -31,24 +31,27 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; th
 fi
 
 echo "== building the server"
-cargo build --locked -p baton-api --example serve_local
-server="target/debug/examples/serve_local"
+cargo build --locked --bin baton
+server="target/debug/baton"
+state="$(mktemp -d -t baton-api-ci.XXXXXX)"
 
 port="${BATON_API_PORT:-$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 export BATON_API_URL="http://127.0.0.1:$port"
 export BATON_API_KEY="api-ci-key"
 export BATON_MODEL_ID="smollm2"
 pid=""
+# SIGTERM lets serve shut its workers down; they also exit when serve's end of their stdin closes.
 stop_server() { if [[ -n "$pid" ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
-trap stop_server EXIT
+trap 'stop_server; rm -rf "$state"' EXIT
 # start_server MAX_TOKENS: the server with requests capped at MAX_TOKENS generated tokens.
 start_server() {
     local log
     log="$(mktemp -t baton-api-ci.XXXXXX.log)"
-    BATON_API_KEYS="$BATON_API_KEY" "$server" --model "$model" --model-id "$BATON_MODEL_ID" \
-        --listen "127.0.0.1:$port" --default-max-tokens "$1" --max-tokens-limit "$1" >"$log" 2>&1 &
+    BATON_API_KEYS="$BATON_API_KEY" BATON_LOG=warn "$server" serve --workers 2 --state-dir "$state" \
+        --model "$model" --model-id "$BATON_MODEL_ID" \
+        --listen "127.0.0.1:$port" --default-max-tokens "$1" --max-tokens-limit "$1" </dev/null >"$log" 2>&1 &
     pid=$!
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 900); do
         if curl -fsS -m 5 "$BATON_API_URL/ready" >/dev/null 2>&1; then return 0; fi
         if ! kill -0 "$pid" 2>/dev/null; then cat "$log" >&2; echo "error: the server exited" >&2; exit 1; fi
         sleep 0.2

@@ -12,5 +12,9 @@ done
 echo "== fetching models"
 bash scripts/fetch-models.sh --all
 
+# The OpenAI API through the real `openai` client and schemathesis, against `baton serve`.
+echo "== scripts/api-ci.sh"
+bash scripts/api-ci.sh
+
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${BATON_TEST_THREADS:-2}"

@@ -1,6 +1,7 @@
 //! `baton`: serve one LLM across several machines by pipeline parallelism.
 
 mod bench_generate;
+mod bench_serve;
 mod bench_transport;
 mod cluster_cmds;
 mod doctor;
@@ -47,6 +48,9 @@ enum BenchCommand {
     Generate(bench_generate::BenchGenerateArgs),
     /// Latency and throughput of every transport, against a raw socket baseline.
     Transport(bench_transport::BenchTransportArgs),
+    /// Load against a running OpenAI-compatible API: tok/s, time to first token, inter-token
+    /// latency, with N concurrent clients and one long prompt mid-run.
+    Serve(bench_serve::BenchServeArgs),
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -67,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor(args) => runtime()?.block_on(doctor::run(args)),
         Command::Bench(BenchCommand::Generate(args)) => bench_generate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => runtime()?.block_on(bench_transport::run(args)),
+        Command::Bench(BenchCommand::Serve(args)) => runtime()?.block_on(bench_serve::run(args)),
         Command::Worker(args) => cluster_cmds::run_worker(args),
         Command::Head(args) => cluster_cmds::run_head(args),
         Command::Serve(args) => cluster_cmds::run_serve(args),

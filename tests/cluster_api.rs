@@ -1,9 +1,9 @@
 //! The OpenAI API served by a real cluster: `baton serve --workers 2` (head + 2 worker processes on
 //! loopback, f32 wire), driven over HTTP. Greedy streams under concurrency (different prompt
 //! lengths, staggered arrivals, chunked prefill, several sequences per micro-batch) equal their
-//! solo output; KV returns to its baseline on every stage; logprobs come through the chain; a
-//! client that disconnects frees its sequence everywhere. Skipped (with a message) when SmolLM2 is
-//! not fetched.
+//! solo output; KV returns to its baseline on every stage; logprobs come through the chain; a full
+//! queue answers 429; a client that disconnects frees its sequence everywhere. Skipped (with a
+//! message) when SmolLM2 is not fetched.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -270,7 +270,8 @@ fn concurrent_streams_through_the_cluster_equal_their_solo_output() {
 #[test]
 fn a_client_that_disconnects_frees_its_sequence_on_every_stage() {
     let Some(model) = model() else { return };
-    let srv = Server::start(&model, &[]);
+    // One admitted request at most, so that the queue-full answer can be seen too.
+    let srv = Server::start(&model, &["--max-queued", "1"]);
     let addr = srv.addr;
     let (status, _) = request(addr, "GET", "/ready", None);
     assert_eq!(status, 200);
@@ -294,6 +295,10 @@ fn a_client_that_disconnects_frees_its_sequence_on_every_stage() {
         assert!(Instant::now() < deadline, "KV not held on every stage: {kv:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The scheduler's queue is full: another request is turned away at once.
+    let (status, body) = request(addr, "POST", "/v1/completions", Some(&json!({"model": "smollm2", "prompt": "hi", "max_tokens": 1})));
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"], "rate_limit_exceeded");
     drop(s);
     wait_for_kv(addr, &baseline);
     let generated = series(&metrics(addr), "baton_api_generated_tokens_total");

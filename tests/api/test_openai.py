@@ -1,7 +1,8 @@
 """The API through the real `openai` Python client, against a running server.
 
-scripts/api-ci.sh starts the server (crates/baton-api/examples/serve_local.rs) with SmolLM2 and
-sets BATON_API_URL, BATON_API_KEY and BATON_MODEL_ID. Every call has a client-side timeout.
+scripts/api-ci.sh starts the server (`baton serve --workers 2`: a head and two worker processes)
+with SmolLM2 and sets BATON_API_URL, BATON_API_KEY and BATON_MODEL_ID. Every call has a
+client-side timeout.
 """
 
 import json
