@@ -3,12 +3,12 @@
 //! micro-batch of sequences, the gated MLP, and the decoder layer that combines them with the
 //! latent attention of [`crate::mla`] and the experts of [`crate::moe`].
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::kv_cache::SeqKv;
+use crate::matmul::Matmul;
 use crate::mla::MlaAttention;
 use crate::moe::MoeBlock;
 use crate::profile::{self, Phase};
@@ -81,7 +81,7 @@ impl Names {
 /// `x @ W^T + b` with W quantized or dense.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Matmul,
     bias: Option<Tensor>,
 }
 
@@ -101,7 +101,7 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    pub fn from_parts(weight: QMatMul, bias: Option<Tensor>) -> Self {
+    pub fn from_parts(weight: Matmul, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 }

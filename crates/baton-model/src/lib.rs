@@ -5,6 +5,8 @@
 //! - [`weights`]: where tensors live (GGUF, split GGUF sets, safetensors) and reading only a range's.
 //! - [`manifest`]: per-layer byte and KV costs from headers alone, for the placement planner.
 //! - [`manifests`]: manifests of published models too large to have here (DeepSeek-V3 671B Q4_K_M).
+//! - [`matmul`]: `x @ W^T` for weights as stored, with f32 activations for the legacy block
+//!   formats on the CPU (candle rounds them to 8 bits).
 //! - [`layers`]: shared building blocks (linear, attention, MLP, rotary embedding).
 //! - [`mla`]: DeepSeek's multi-head latent attention over a compressed latent cache.
 //! - [`moe`]: mixture-of-experts feed-forward (router, grouped expert compute, shared experts).
@@ -25,6 +27,7 @@ pub mod layers;
 pub mod loader;
 pub mod manifest;
 pub mod manifests;
+pub mod matmul;
 pub mod mla;
 pub mod moe;
 pub mod pipeline;

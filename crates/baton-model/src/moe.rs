@@ -6,11 +6,11 @@
 //! into one matrix, go through one matmul per projection, are scaled by their weights, and every
 //! expert's rows are scatter-added into the output at once.
 
-use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
 
 use crate::config::{ExpertScoring, Family, ModelConfig, MoeConfig};
 use crate::layers::{Linear, Mlp, Names};
+use crate::matmul::Matmul;
 use crate::profile::{self, Phase};
 use crate::weights::TensorStore;
 use crate::Result;
@@ -198,7 +198,7 @@ impl MoeBlock {
     }
 }
 
-fn expert(gate: QMatMul, up: QMatMul, down: QMatMul) -> Mlp {
+fn expert(gate: Matmul, up: Matmul, down: Matmul) -> Mlp {
     Mlp::new(Linear::from_parts(gate, None), Linear::from_parts(up, None), Linear::from_parts(down, None))
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 
@@ -14,6 +14,7 @@ use crate::config::ModelConfig;
 use crate::kv_cache::{SeqCache, SeqKv};
 use crate::layers::{rms_norm, DecoderLayer, Names, Rotary, SeqSpan};
 use crate::loader::ModelSource;
+use crate::matmul::Matmul;
 use crate::{ModelError, Result};
 
 /// One sequence's slice of a micro-batch.
@@ -84,7 +85,7 @@ pub struct Shard {
     device: Device,
     embedding: Option<Embedding>,
     layers: Vec<DecoderLayer>,
-    head: Option<(RmsNorm, QMatMul)>,
+    head: Option<(RmsNorm, Matmul)>,
     rotary: Rotary,
     seqs: HashMap<u64, SeqCache>,
 }
@@ -122,8 +123,8 @@ impl Shard {
             let norm = rms_norm(store, names.output_norm(), h, cfg.rms_norm_eps, device)?;
             let out = if cfg.tie_word_embeddings {
                 match embedding.as_ref() {
-                    Some(Embedding::Quantized(q)) => QMatMul::from_arc(q.clone())?,
-                    Some(Embedding::Dense(w)) => QMatMul::Tensor(w.clone()),
+                    Some(Embedding::Quantized(q)) => Matmul::from_qtensor(q.clone())?,
+                    Some(Embedding::Dense(w)) => Matmul::dense(w.clone()),
                     None => unreachable!("the embedding matrix is loaded for tied output"),
                 }
             } else {

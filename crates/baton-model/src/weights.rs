@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::matmul::Matmul;
 use crate::{ModelError, Result};
 
 /// Storage facts about one tensor, from headers only.
@@ -100,10 +101,10 @@ impl TensorStore {
     }
 
     /// A weight matrix for `x @ W^T`, quantized where the file is. `shape` is `[out, in]`.
-    pub fn matmul(&self, name: &str, shape: &[usize], device: &Device) -> Result<QMatMul> {
+    pub fn matmul(&self, name: &str, shape: &[usize], device: &Device) -> Result<Matmul> {
         match self {
-            TensorStore::Gguf(_) => Ok(QMatMul::from_arc(self.qtensor(name, shape, device)?)?),
-            TensorStore::Safetensors(_) => Ok(QMatMul::Tensor(self.dense(name, shape, device)?)),
+            TensorStore::Gguf(_) => Ok(Matmul::from_qtensor(self.qtensor(name, shape, device)?)?),
+            TensorStore::Safetensors(_) => Ok(Matmul::dense(self.dense(name, shape, device)?)),
         }
     }
 
@@ -136,7 +137,7 @@ impl TensorStore {
     /// One weight matrix per slice of a stacked `[n, out, in]` tensor (llama.cpp's `*_exps`
     /// experts). From GGUF each slice's bytes are read from the file as stored, so quantized
     /// experts stay quantized and nothing outside the tensor is read.
-    pub fn stacked_matmuls(&self, name: &str, shape: [usize; 3], device: &Device) -> Result<Vec<QMatMul>> {
+    pub fn stacked_matmuls(&self, name: &str, shape: [usize; 3], device: &Device) -> Result<Vec<Matmul>> {
         let [n, out, inp] = shape;
         match self {
             TensorStore::Gguf(g) => {
@@ -167,13 +168,13 @@ impl TensorStore {
                         file.read_exact(&mut buf).map_err(io)?;
                         let q = qtensor_from_ggml(dtype, &buf, vec![out, inp], device)
                             .map_err(|e| format_err(e.to_string()))?;
-                        Ok(QMatMul::from_arc(Arc::new(q))?)
+                        Ok(Matmul::from_qtensor(Arc::new(q))?)
                     })
                     .collect()
             }
             TensorStore::Safetensors(_) => {
                 let t = self.dense(name, &shape, device)?;
-                (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
+                (0..n).map(|e| Ok(Matmul::dense(t.get(e)?))).collect()
             }
         }
     }

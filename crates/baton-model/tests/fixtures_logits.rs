@@ -39,13 +39,14 @@ fn gguf_f32_equals_safetensors_and_q8_0_is_close() {
             // sums inside attention: equal up to float rounding, not bit for bit.
             let err = rel_err(&b, &a);
             assert!(err < 1e-5, "{name} prompt {i}: GGUF-F32 differs from safetensors by {err}");
-            // Q8_0 rounds weights, and candle's CPU kernel rounds activations to Q8 blocks too:
-            // measured 2.3-5.0 % of the largest logit on these random-weight fixtures.
-            let err = rel_err(&c, reference);
-            assert!(err < 8e-2, "{name} prompt {i}: GGUF-Q8_0 relative error {err}");
-            // llama.cpp running the same Q8_0 file rounds the same way: measured bit-identical.
-            let err = rel_err(&c, &llama_cpp_q8[i].1);
-            assert!(err < 1e-5, "{name} prompt {i}: GGUF-Q8_0 differs from llama.cpp's Q8_0 by {err}");
+            // Q8_0 rounds the weights; on the CPU the activations stay f32 (baton_model::matmul),
+            // while llama.cpp rounds them to Q8 blocks too. So we must land at least as close to
+            // transformers as llama.cpp running the same file does (measured: 1.8-3.6 % against
+            // llama.cpp's 2.4-5.0 %).
+            let ours = rel_err(&c, reference);
+            let llama_cpp = rel_err(&llama_cpp_q8[i].1, reference);
+            assert!(ours < 8e-2, "{name} prompt {i}: GGUF-Q8_0 relative error {ours}");
+            assert!(ours <= llama_cpp, "{name} prompt {i}: GGUF-Q8_0 error {ours} exceeds llama.cpp's {llama_cpp}");
         }
     }
 }

@@ -78,6 +78,7 @@ fn gguf_f32_matches_transformers_and_q8_0_is_close() {
         assert_eq!(f32.config().mla, st.config().mla, "{name}: GGUF and config.json describe different attention");
         let (mut st, mut f32, mut q8) = (full_shard(&st), full_shard(&f32), full_shard(&q8));
         let cpp = llama_cpp_q8(name);
+        let (mut ours_total, mut cpp_total) = (0.0, 0.0);
         for (i, (ids, reference)) in reference(name).iter().enumerate() {
             let a = all_logits(&mut st, 0, ids);
             let b = all_logits(&mut f32, 0, ids);
@@ -86,19 +87,21 @@ fn gguf_f32_matches_transformers_and_q8_0_is_close() {
             assert!(err < 1e-4, "{name} prompt {i}: GGUF-F32 relative error {err} vs transformers");
             let err = rel_err(&b, &a);
             assert!(err < 1e-5, "{name} prompt {i}: GGUF-F32 differs from safetensors by {err}");
-            // Q8_0 noise can flip an expert choice, so a MoE model's Q8_0 logits can sit far
-            // from the float reference (llama.cpp itself: 6.6-21 %); against llama.cpp's own Q8_0
-            // logits, which make the same kind of rounding, the distance is smaller.
+            // Q8_0 rounds the weights; on the CPU our activations stay f32 (baton_model::matmul)
+            // while llama.cpp rounds them to Q8 blocks too, so the two differ by about that
+            // rounding (measured 1.0-7.0 %), and rounding noise can flip an expert choice, which
+            // moves a MoE model's logits far from the float reference for both.
             let vs_cpp = rel_err(&c, &cpp[i]);
             let vs_ref = rel_err(&c, reference);
-            eprintln!("{name} prompt {i}: Q8_0 vs llama.cpp Q8_0 {vs_cpp:.2e}, vs float reference {vs_ref:.2e}");
-            // Measured: ≤ 1e-5 where both round activations to Q8 blocks the same way; 1.5-2.1 %
-            // for DeepSeek, whose latent up-projections (k_b, v_b) we dequantize at load and
-            // apply in f32 while llama.cpp multiplies them quantized.
-            let tol = if name == "deepseek_v3" { 5e-2 } else { 1e-3 };
-            assert!(vs_cpp < tol, "{name} prompt {i}: GGUF-Q8_0 relative error {vs_cpp} vs llama.cpp Q8_0");
+            let cpp_vs_ref = rel_err(&cpp[i], reference);
+            eprintln!("{name} prompt {i}: Q8_0 vs llama.cpp Q8_0 {vs_cpp:.2e}, vs float reference {vs_ref:.2e}, llama.cpp vs float reference {cpp_vs_ref:.2e}");
+            ours_total += vs_ref;
+            cpp_total += cpp_vs_ref;
+            assert!(vs_cpp < 0.1, "{name} prompt {i}: GGUF-Q8_0 relative error {vs_cpp} vs llama.cpp Q8_0");
             assert!(vs_ref < 0.25, "{name} prompt {i}: GGUF-Q8_0 relative error {vs_ref} vs transformers");
         }
+        // Over the prompts, at least as close to the float model as llama.cpp on the same file.
+        assert!(ours_total <= cpp_total, "{name}: Q8_0 error {ours_total} in total exceeds llama.cpp's {cpp_total}");
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod common;
 
+use baton_model::chat::{ChatTemplate, Message};
 use baton_model::pipeline::{even_split, LocalPipeline, WireDType};
 use baton_model::shard::{BatchInput, Logits, MicroBatch, SeqChunk};
 use candle_core::Device;
@@ -45,4 +46,23 @@ fn greedy_paris_on_every_split() {
         let mut split = LocalPipeline::load(&source, &even_split(30, n).unwrap(), WireDType::F32, &Device::Cpu).unwrap();
         assert_eq!(greedy(&mut split, &FRANCE, 3), expected, "--split {n} with f32 wire");
     }
+}
+
+/// The README's first question. candle's own Q8_0 kernel, which rounds the activations to 8 bits
+/// before the tied output projection, made this model answer "L'Étoile, la Cité, ..." instead.
+#[test]
+fn chat_answer_names_paris() {
+    let source = open(&real_model(SMOLLM2));
+    let tokenizer = source.tokenizer().unwrap();
+    let template = ChatTemplate::new(
+        tokenizer.chat_template().expect("SmolLM2 ships a chat template"),
+        tokenizer.bos_token(),
+        tokenizer.eos_token(),
+    )
+    .unwrap();
+    let rendered = template.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();
+    let prompt = tokenizer.encode(&rendered, false).unwrap();
+    let mut whole = LocalPipeline::load(&source, &even_split(30, 1).unwrap(), WireDType::F32, &Device::Cpu).unwrap();
+    let answer = tokenizer.decode(&greedy(&mut whole, &prompt, 8), true).unwrap();
+    assert!(answer.contains("Paris"), "chat answer was {answer:?}");
 }
