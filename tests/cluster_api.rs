@@ -164,6 +164,13 @@ fn wait_for_kv(addr: SocketAddr, baseline: &[(String, f64)]) {
     }
 }
 
+/// Stage 0's forwards and the tokens generated so far.
+fn batching_figures(addr: SocketAddr) -> (f64, f64) {
+    let m = metrics(addr);
+    let forwards = series(&m, "baton_stage_forwards_total").into_iter().find(|(l, _)| l.starts_with("{stage=\"0 ")).expect("stage 0's forwards").1;
+    (forwards, series(&m, "baton_api_generated_tokens_total")[0].1)
+}
+
 fn completion(prompt: &str, stream: bool) -> Value {
     json!({"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": stream})
 }
@@ -230,6 +237,7 @@ fn concurrent_streams_through_the_cluster_equal_their_solo_output() {
                "max_tokens": 8, "temperature": 0, "stream": stream})
     };
     let solo: Vec<String> = (0..16).map(|i| post(addr, "/v1/chat/completions", &chat(i, false))["choices"][0]["message"]["content"].as_str().unwrap().to_owned()).collect();
+    let before = batching_figures(addr);
     let streams: Vec<_> = (0..16)
         .map(|i| {
             let body = chat(i, true);
@@ -243,6 +251,10 @@ fn concurrent_streams_through_the_cluster_equal_their_solo_output() {
     for (i, t) in streams.into_iter().enumerate() {
         assert_eq!(t.join().unwrap(), solo[i], "chat stream {i}");
     }
+    // Micro-batches carried several sequences: stage 0 ran fewer forwards than tokens came out.
+    let after = batching_figures(addr);
+    let (forwards, generated) = (after.0 - before.0, after.1 - before.1);
+    assert!(forwards < generated, "{forwards} stage-0 forwards for {generated} generated tokens");
     wait_for_kv(addr, &baseline);
 
     // Logprobs travel back with each token from the last stage.

@@ -71,7 +71,6 @@ pub(crate) struct Counters {
     pub admitted: AtomicUsize,
     /// Holding or acquiring KV on the stages.
     pub running: AtomicUsize,
-    pub micro_batches: AtomicU64,
     /// Stage 0 on the head: forwards, their time, its KV bytes.
     pub local_forwards: AtomicU64,
     pub local_forward_nanos: AtomicU64,
@@ -391,56 +390,14 @@ impl Scheduler {
             }
             self.close_if_idle(seq);
         }
-        let cfg = self.cfg.clone();
-        let live = |s: &Seq| s.phase == Phase::Running && !s.ending;
-        let decoding = self.seqs.values().filter(|s| live(s) && s.sent == s.prompt_len()).count();
-        // Spread the decoding streams over the micro-batches in flight, so every stage has work.
-        let per_batch = decoding.div_ceil(cfg.max_in_flight).clamp(1, cfg.max_batch);
-        let mut ready: Vec<(u64, u64)> =
-            self.seqs.iter().filter(|(_, s)| live(s) && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
-        ready.sort_unstable();
-        ready.truncate(per_batch);
-        let mut prefill: Vec<u64> = self.seqs.iter().filter(|(_, s)| live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
-        // First come, first prefilled.
-        prefill.sort_unstable();
-
-        let mut chunks = Vec::new();
-        let mut ids = Vec::new();
-        for (_, seq) in ready {
-            let s = self.seqs.get_mut(&seq).expect("listed above");
-            let token = s.next.take().expect("ready means a token is waiting");
-            chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.generated - 1, n_tokens: 1 });
-            ids.push(token);
-        }
-        let mut budget = cfg.prefill_chunk;
-        for seq in prefill {
-            if budget == 0 || chunks.len() >= cfg.max_batch {
-                break;
-            }
-            let s = self.seqs.get_mut(&seq).expect("listed above");
-            let n = (s.prompt_len() - s.sent).min(budget);
-            chunks.push(SeqChunk { seq_id: seq, start_pos: s.sent, n_tokens: n });
-            ids.extend_from_slice(&s.job.req.prompt_tokens[s.sent..s.sent + n]);
-            s.sent += n;
-            budget -= n;
-        }
-        if chunks.is_empty() {
-            return false;
-        }
-
+        self.clock += 1;
+        let Some((chunks, ids)) = pack(&mut self.seqs, &self.cfg, self.clock) else { return false };
         let mb = self.next_micro_batch;
         self.next_micro_batch += 1;
-        self.clock += 1;
-        for c in &chunks {
-            let s = self.seqs.get_mut(&c.seq_id).expect("listed above");
-            s.in_flight += 1;
-            s.served = self.clock;
-        }
         let members: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
         match tokens_frame(mb, &chunks, &ids) {
             Ok(frame) => {
                 self.in_flight.insert(mb, members);
-                self.counters.micro_batches.fetch_add(1, Ordering::Relaxed);
                 if self.feeder.send((mb, frame)).is_err() {
                     let _ = self.tx.send(Msg::Fail("the chain feeder stopped".into()));
                 }
@@ -453,6 +410,53 @@ impl Scheduler {
         }
         true
     }
+}
+
+/// Packs the next micro-batch from the running sequences: the ready decode tokens, least recently
+/// served first and no more than an even share of the decoding streams per micro-batch in flight,
+/// then prompt tokens up to the prefill budget, first come first served. Marks what it took as in
+/// flight at step `clock`; `None` when no sequence has work that can go now.
+fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64) -> Option<(Vec<SeqChunk>, Vec<u32>)> {
+    let live = |s: &Seq| s.phase == Phase::Running && !s.ending;
+    let decoding = seqs.values().filter(|s| live(s) && s.sent == s.prompt_len()).count();
+    // Spread the decoding streams over the micro-batches in flight, so every stage has work.
+    let per_batch = decoding.div_ceil(cfg.max_in_flight.max(1)).clamp(1, cfg.max_batch.max(1));
+    let mut ready: Vec<(u64, u64)> = seqs.iter().filter(|(_, s)| live(s) && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
+    ready.sort_unstable();
+    ready.truncate(per_batch);
+    let mut prefill: Vec<u64> = seqs.iter().filter(|(_, s)| live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
+    // Sequence ids grow with admission: first come, first prefilled.
+    prefill.sort_unstable();
+
+    let mut chunks = Vec::new();
+    let mut ids = Vec::new();
+    for (_, seq) in ready {
+        let s = seqs.get_mut(&seq).expect("listed above");
+        let token = s.next.take().expect("ready means a token is waiting");
+        chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.generated - 1, n_tokens: 1 });
+        ids.push(token);
+    }
+    let mut budget = cfg.prefill_chunk.max(1);
+    for seq in prefill {
+        if budget == 0 || chunks.len() >= cfg.max_batch.max(1) {
+            break;
+        }
+        let s = seqs.get_mut(&seq).expect("listed above");
+        let n = (s.prompt_len() - s.sent).min(budget);
+        chunks.push(SeqChunk { seq_id: seq, start_pos: s.sent, n_tokens: n });
+        ids.extend_from_slice(&s.job.req.prompt_tokens[s.sent..s.sent + n]);
+        s.sent += n;
+        budget -= n;
+    }
+    if chunks.is_empty() {
+        return None;
+    }
+    for c in &chunks {
+        let s = seqs.get_mut(&c.seq_id).expect("listed above");
+        s.in_flight += 1;
+        s.served = clock;
+    }
+    Some((chunks, ids))
 }
 
 /// Sends micro-batches into the chain in the order they were packed: through stage 0 when the
@@ -535,5 +539,74 @@ async fn close_everywhere(chain: &Chain, counters: &Counters, seq: u64) {
     for (_, client) in &chain.workers {
         let mut client = client.clone();
         let _ = tokio::time::timeout(RPC_TIMEOUT, client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq })).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(prompt_len: usize, sent: usize, generated: usize, next: Option<u32>, served: u64) -> Seq {
+        let (tx, stream) = TokenStream::channel();
+        // The stream stays alive for the test's duration through the leaked receiver.
+        std::mem::forget(stream);
+        let req = GenerationRequest { prompt_tokens: (0..prompt_len as u32).collect(), sampling: Default::default(), max_tokens: 100, stop_token_ids: vec![] };
+        Seq { job: Job { req, tx }, phase: Phase::Running, sent, generated, next, in_flight: 0, ending: false, served }
+    }
+
+    fn cfg(max_batch: usize, prefill_chunk: usize, max_in_flight: usize) -> SchedulerConfig {
+        SchedulerConfig { max_batch, prefill_chunk, max_in_flight, ..SchedulerConfig::default() }
+    }
+
+    /// `(seq, start_pos, n_tokens)` of a packed micro-batch.
+    fn shape(chunks: &[SeqChunk]) -> Vec<(u64, usize, usize)> {
+        chunks.iter().map(|c| (c.seq_id, c.start_pos, c.n_tokens)).collect()
+    }
+
+    #[test]
+    fn a_long_prompt_enters_in_chunks_beside_decode_steps() {
+        // Two streams decoding (prompts of 5, one token generated each) and a 40-token prompt.
+        let mut seqs = HashMap::from([(1, seq(5, 5, 1, Some(70), 1)), (2, seq(5, 5, 1, Some(71), 2)), (3, seq(40, 0, 0, None, 0))]);
+        let cfg = cfg(8, 16, 2);
+        let (chunks, ids) = pack(&mut seqs, &cfg, 10).unwrap();
+        // One decode stream per micro-batch (two streams over two in flight), least recently
+        // served first, then the first prompt chunk.
+        assert_eq!(shape(&chunks), [(1, 5, 1), (3, 0, 16)]);
+        assert_eq!(ids[0], 70);
+        assert_eq!(&ids[1..], &(0..16).collect::<Vec<u32>>()[..]);
+        let (chunks, _) = pack(&mut seqs, &cfg, 11).unwrap();
+        // The next chunk of the same prompt goes while the first is still in flight.
+        assert_eq!(shape(&chunks), [(2, 5, 1), (3, 16, 16)]);
+        let (chunks, _) = pack(&mut seqs, &cfg, 12).unwrap();
+        assert_eq!(shape(&chunks), [(3, 32, 8)]);
+        // Everything is in flight now: nothing to pack.
+        assert!(pack(&mut seqs, &cfg, 13).is_none());
+        assert_eq!((seqs[&1].in_flight, seqs[&3].in_flight), (1, 3));
+    }
+
+    #[test]
+    fn decode_streams_take_turns_and_batches_are_capped() {
+        let mut seqs: HashMap<u64, Seq> = (1..=6).map(|i| (i, seq(3, 3, 2, Some(i as u32), 10 - i))).collect();
+        // Six decoding streams over three micro-batches in flight: two per batch, the least
+        // recently served (highest id here) first.
+        let (chunks, _) = pack(&mut seqs, &cfg(8, 16, 3), 20).unwrap();
+        assert_eq!(shape(&chunks), [(6, 4, 1), (5, 4, 1)]);
+        // A one-sequence cap wins over the even share.
+        let (chunks, _) = pack(&mut seqs, &cfg(1, 16, 1), 21).unwrap();
+        assert_eq!(shape(&chunks), [(4, 4, 1)]);
+        // Ending sequences and those still opening are left out.
+        seqs.get_mut(&3).unwrap().ending = true;
+        seqs.get_mut(&2).unwrap().phase = Phase::Opening;
+        let (chunks, _) = pack(&mut seqs, &cfg(8, 16, 1), 22).unwrap();
+        assert_eq!(shape(&chunks), [(1, 4, 1)]);
+        assert!(pack(&mut seqs, &cfg(8, 16, 1), 23).is_none());
+    }
+
+    #[test]
+    fn prompts_share_the_prefill_budget_in_arrival_order() {
+        let mut seqs = HashMap::from([(7, seq(10, 0, 0, None, 0)), (4, seq(3, 0, 0, None, 0)), (9, seq(30, 0, 0, None, 0))]);
+        let (chunks, ids) = pack(&mut seqs, &cfg(8, 16, 2), 1).unwrap();
+        assert_eq!(shape(&chunks), [(4, 0, 3), (7, 0, 10), (9, 0, 3)]);
+        assert_eq!(ids.len(), 16);
     }
 }
