@@ -277,6 +277,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         negotiate: NegotiateOptions { preference: args.node.transport, ..Default::default() },
         device: device(&args.node.device)?,
         backend: backend(&args.node.device),
+        weights_cache: state_dir.join("weights"),
     };
     let data_addr = args.data_listen.unwrap_or(SocketAddr::new(args.listen.ip(), 0));
     let security = baton_proto::ControlSecurity::new(key.as_bytes())?;

@@ -11,12 +11,17 @@ const BATON: &str = env!("CARGO_BIN_EXE_baton");
 fn model() -> Option<PathBuf> {
     let dir = std::env::var_os("BATON_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
+        });
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipped: {} is not fetched (scripts/fetch-models.sh)", path.display());
+        eprintln!(
+            "skipped: {} is not fetched (scripts/fetch-models.sh)",
+            path.display()
+        );
         None
     }
 }
@@ -27,7 +32,17 @@ fn serve(toml: &str, model: &PathBuf) -> (bool, String) {
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, toml).unwrap();
     let mut child = Command::new(BATON)
-        .args(["serve", "--workers", "2", "--name", "headnode", "--prompt", "Hi", "--max-tokens", "1"])
+        .args([
+            "serve",
+            "--workers",
+            "2",
+            "--name",
+            "headnode",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+        ])
         .arg("--model")
         .arg(model)
         .arg("--config")
@@ -65,12 +80,21 @@ fn a_model_that_does_not_fit_gives_the_shortfall_per_node() {
     let toml = "memory_headroom = \"1M\"\n[nodes.headnode]\nmemory = \"20M\"\n[nodes.worker-0]\nmemory = \"20M\"\n[nodes.worker-1]\nmemory = \"20M\"\n";
     let (ok, err) = serve(toml, &model);
     assert!(!ok, "serve started a model that cannot fit:\n{err}");
-    assert!(err.contains("does not fit") && err.contains("short by"), "no shortfall in:\n{err}");
+    assert!(
+        err.contains("does not fit") && err.contains("short by"),
+        "no shortfall in:\n{err}"
+    );
     for node in ["headnode", "worker-0", "worker-1"] {
-        let line = err.lines().find(|l| l.trim_start().starts_with(node)).unwrap_or_else(|| panic!("no line for {node} in:\n{err}"));
+        let line = err
+            .lines()
+            .find(|l| l.trim_start().starts_with(node))
+            .unwrap_or_else(|| panic!("no line for {node} in:\n{err}"));
         assert!(line.contains("MiB"), "{node}'s line has no figures: {line}");
     }
-    assert!(!err.contains("loaded"), "weights were loaded before the plan was checked:\n{err}");
+    assert!(
+        !err.contains("loaded"),
+        "weights were loaded before the plan was checked:\n{err}"
+    );
 }
 
 #[test]
@@ -80,11 +104,26 @@ fn the_planner_places_layers_by_memory() {
     let toml = "memory_headroom = \"1M\"\n[kv]\ncontext_length = 256\nsequences = 1\n[nodes.worker-0]\nmemory = \"24M\"\n";
     let (ok, err) = serve(toml, &model);
     assert!(ok, "serve failed:\n{err}");
-    let line = err.lines().find(|l| l.contains("placement: planned over 3 stages")).unwrap_or_else(|| panic!("no planned placement in:\n{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.contains("placement: planned over 3 stages"))
+        .unwrap_or_else(|| panic!("no planned placement in:\n{err}"));
     eprintln!("{line}");
-    let worker0 = err.lines().find(|l| l.contains("worker-0: layers")).unwrap_or_else(|| panic!("no load line for worker-0 in:\n{err}"));
-    let range = worker0.split("layers ").nth(1).unwrap().split_whitespace().next().unwrap();
+    let worker0 = err
+        .lines()
+        .find(|l| l.contains("worker-0: layers"))
+        .unwrap_or_else(|| panic!("no load line for worker-0 in:\n{err}"));
+    let range = worker0
+        .split("layers ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     let (a, b) = range.split_once("..").unwrap();
     let n: usize = b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap();
-    assert!((1..10).contains(&n), "worker-0 got {n} layers ({range}) with its 24 MiB");
+    assert!(
+        (1..10).contains(&n),
+        "worker-0 got {n} layers ({range}) with its 24 MiB"
+    );
 }

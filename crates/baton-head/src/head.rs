@@ -187,13 +187,26 @@ async fn hello(endpoint: &str, cfg: &HeadConfig, security: &baton_proto::Control
     Ok(WorkerHandle { name: info.name.clone(), endpoint: endpoint.to_string(), client, info })
 }
 
-/// Loads a shard on a worker, logging its progress, until the final manifest or error.
-async fn load_remote(w: &WorkerHandle, req: pb::LoadShardRequest) -> Result<pb::ShardManifest> {
+/// What the head needs to push a shard to a worker that lacks the model file.
+struct PushFrom {
+    security: baton_proto::ControlSecurity,
+    parts: Vec<PathBuf>,
+    range: std::ops::Range<usize>,
+    n_layers: usize,
+}
+
+/// Loads a shard on a worker, logging its progress, until the final manifest or error; pushes
+/// the weights when the worker waits for them.
+async fn load_remote(w: &WorkerHandle, req: pb::LoadShardRequest, mut push: Option<PushFrom>) -> Result<pb::ShardManifest> {
     let werr = |message: String| HeadError::Worker { worker: format!("{} ({})", w.name, w.endpoint), message };
     let mut stream = w.client.clone().load_shard(req).await.map_err(|s| werr(s.message().to_string()))?.into_inner();
     while let Some(p) = stream.next().await {
         let p = p.map_err(|s| werr(format!("load stream: {}", s.message())))?;
         tracing::info!("{}: {:?} {}", w.name, p.phase(), p.message);
+        if p.phase() == pb::LoadPhase::AwaitingWeights {
+            let from = push.take().ok_or_else(|| werr("asked twice for weights".into()))?;
+            crate::push::push_shard(&w.name, &w.endpoint, &from.security, from.parts, from.range, from.n_layers).await?;
+        }
         match p.result {
             Some(pb::load_progress::Result::Manifest(m)) => return Ok(m),
             Some(pb::load_progress::Result::Error(e)) => return Err(werr(e)),
@@ -310,16 +323,20 @@ impl Head {
         });
         let mut remote = tokio::task::JoinSet::new();
         for (i, (w, r)) in workers.iter().zip(worker_ranges).enumerate() {
+            // The worker's own copy (cluster.toml's per-node path, else the head's path); without
+            // one it waits for the head to push its tensors.
+            let path = cfg.cluster.nodes.get(&w.name).and_then(|n| n.model_path.clone()).unwrap_or_else(|| cfg.model.clone());
             let req = pb::LoadShardRequest {
-                model: Some(pb::ModelRef { path: cfg.model.display().to_string(), ..Default::default() }),
+                model: Some(pb::ModelRef { path: path.display().to_string(), ..Default::default() }),
                 layers: Some(pb::LayerRange { start: r.start as u32, end: r.end as u32 }),
                 n_layers: n_layers as u32,
                 wire_dtype: wire_to_proto(cfg.wire) as i32,
                 kv: None,
-                allow_push: false,
+                allow_push: true,
             };
+            let push = PushFrom { security: security.clone(), parts: source.files(), range: r.clone(), n_layers };
             let handle = WorkerHandle { name: w.name.clone(), endpoint: w.endpoint.clone(), client: w.client.clone(), info: w.info.clone() };
-            remote.spawn(async move { (i, load_remote(&handle, req).await) });
+            remote.spawn(async move { (i, load_remote(&handle, req, Some(push)).await) });
         }
         while let Some(done) = remote.join_next().await {
             let (i, m) = done.map_err(|e| HeadError::Config(format!("load task: {e}")))?;

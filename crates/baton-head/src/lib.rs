@@ -2,6 +2,7 @@
 //!
 //! - [`head`]: connects workers, places layers, loads shards, links the chain and runs requests.
 //! - [`placement`]: the planner over the chain's nodes (even split only when memory is unknown).
+//! - [`push`]: a shard's weights to a worker without the model file (resumable).
 //! - [`scheduler`]: pipelined continuous batching: admission queue, micro-batches of several
 //!   sequences, chunked prefill mixed with decode, several micro-batches in flight.
 //! - [`backend`]: the head as a [`baton_api::Backend`], so the OpenAI API serves the cluster.
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod head;
 pub mod placement;
+pub mod push;
 pub mod scheduler;
 pub mod status;
 

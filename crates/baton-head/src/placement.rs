@@ -44,19 +44,49 @@ fn capacity(n: &NodeReport, cluster: &ClusterConfig) -> NodeCapacity {
 
 /// Places every layer of `manifest` on `nodes` (all of them, in order: the head put them in chain
 /// order and runs stage 0 itself when `head_first`).
-pub fn place(manifest: &Manifest, nodes: &[NodeReport], cluster: &ClusterConfig, max_batch_tokens: u64, head_first: bool) -> Result<Placement, HeadError> {
+pub fn place(
+    manifest: &Manifest,
+    nodes: &[NodeReport],
+    cluster: &ClusterConfig,
+    max_batch_tokens: u64,
+    head_first: bool,
+) -> Result<Placement, HeadError> {
     let n_layers = manifest.n_layers;
     let manual = cluster.manual_stages();
-    let memory_known = nodes.iter().all(|n| n.available_memory > 0 || cluster.nodes.get(&n.name).is_some_and(|o| o.memory.is_some()));
+    let memory_known = nodes.iter().all(|n| {
+        n.available_memory > 0
+            || cluster
+                .nodes
+                .get(&n.name)
+                .is_some_and(|o| o.memory.is_some())
+    });
     if !memory_known && manual.is_none() {
-        let unknown: Vec<&str> = nodes.iter().filter(|n| n.available_memory == 0).map(|n| n.name.as_str()).collect();
+        let unknown: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.available_memory == 0)
+            .map(|n| n.name.as_str())
+            .collect();
         let ranges = baton_model::pipeline::even_split(n_layers, nodes.len())?;
-        return Ok(Placement { ranges, how: format!("even split of {n_layers} layers over {} stages ({} reported no memory figure)", nodes.len(), unknown.join(", ")) });
+        return Ok(Placement {
+            ranges,
+            how: format!(
+                "even split of {n_layers} layers over {} stages ({} reported no memory figure)",
+                nodes.len(),
+                unknown.join(", ")
+            ),
+        });
     }
     let caps: Vec<NodeCapacity> = nodes.iter().map(|n| capacity(n, cluster)).collect();
     let budget = cluster.serving_budget(manifest.context_length as u64);
-    let opts = PlanOptions { max_batch_tokens, use_all_nodes: true, pin_first: head_first, manual: manual.clone(), ..Default::default() };
-    let plan = planner::plan(manifest, &caps, &budget, &opts).map_err(|e| HeadError::Plan(e.to_string()))?;
+    let opts = PlanOptions {
+        max_batch_tokens,
+        use_all_nodes: true,
+        pin_first: head_first,
+        manual: manual.clone(),
+        ..Default::default()
+    };
+    let plan = planner::plan(manifest, &caps, &budget, &opts)
+        .map_err(|e| HeadError::Plan(e.to_string()))?;
     // Every node was told to take part, so the plan has one stage per node, in order; a manual
     // placement that leaves a node out is an error, since that node's links would dangle.
     let used: Vec<usize> = plan.stages.iter().map(|s| s.node_index).collect();
@@ -71,7 +101,11 @@ pub fn place(manifest: &Manifest, nodes: &[NodeReport], cluster: &ClusterConfig,
     let ranges = plan.stages.iter().map(|s| s.start..s.end).collect();
     let how = format!(
         "{} over {} stages for {} tokens × {} sequences of KV; slowest stage {:.2} ms/token",
-        if plan.manual { "manual placement" } else { "planned" },
+        if plan.manual {
+            "manual placement"
+        } else {
+            "planned"
+        },
         plan.stages.len(),
         budget.context_length,
         budget.sequences,

@@ -275,6 +275,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, t)| tensor_info(&format!("t{i}"), t, vec![i as u8]))
                 .collect(),
+            container: vec![],
         }
     }
 

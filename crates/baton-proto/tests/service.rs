@@ -372,6 +372,7 @@ async fn weight_push_resumes_after_a_dropped_stream() {
                 .enumerate()
                 .map(|(i, t)| weights_stream::tensor_info(&format!("blk.{i}.w"), t, vec![]))
                 .collect(),
+            container: vec![],
         };
         let sizes: Vec<u64> = tensors.iter().map(|t| t.len() as u64).collect();
         let push = |have: Vec<u64>, limit: usize| {
@@ -427,6 +428,7 @@ async fn messages_over_the_bound_are_refused() {
         let huge = pb::WeightSet {
             shard_key: "x".repeat(baton_proto::MAX_MESSAGE_BYTES + 1),
             tensors: vec![],
+            container: vec![],
         };
         // Our client will not send it...
         let mut bounded = client(addr).await;
@@ -443,6 +445,7 @@ async fn messages_over_the_bound_are_refused() {
         let fits = pb::WeightSet {
             shard_key: "x".repeat(1 << 20),
             tensors: vec![],
+            container: vec![],
         };
         assert!(bounded.resume_weights(fits).await.is_ok());
     })

@@ -4,10 +4,14 @@
 //! - [`stage`]: a shard with its samplers, and the loop from the upstream link to the downstream.
 //! - [`service`]: the `Worker` control-plane service (hello, load, links, sequences, health, stats).
 //! - [`sysinfo`]: memory figures reported in `Hello` and heartbeats.
+//! - [`weights`]: a shard's tensors cut out of a GGUF model (head) and cached (worker).
+//! - [`progress`]: progress bars and log milestones for weights.
 
+pub mod progress;
 pub mod service;
 pub mod stage;
 pub mod sysinfo;
+pub mod weights;
 pub mod wire;
 
 pub use service::{WorkerConfig, WorkerService};

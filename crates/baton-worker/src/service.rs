@@ -26,6 +26,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::stage::{run_loop, LinkCounters, Stage};
+use crate::weights::{cached, Incoming};
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -37,6 +38,8 @@ pub struct WorkerConfig {
     pub negotiate: NegotiateOptions,
     pub device: Device,
     pub backend: pb::Backend,
+    /// Where shards pushed by the head are cached, one directory per shard key.
+    pub weights_cache: PathBuf,
 }
 
 /// One established data link and what its negotiation found.
@@ -69,6 +72,10 @@ struct Inner {
     active: AtomicU32,
     started: Instant,
     shutdown: Arc<Notify>,
+    /// A `LoadShard` waiting for pushed weights: told the cached file and where it came from.
+    awaiting: Mutex<Option<tokio::sync::oneshot::Sender<(PathBuf, &'static str)>>>,
+    /// The shard being pushed; kept across a dropped push so the next one resumes.
+    incoming: tokio::sync::Mutex<Option<Incoming>>,
 }
 
 #[derive(Clone)]
@@ -82,7 +89,11 @@ fn internal(what: &str) -> Status {
 
 impl WorkerService {
     /// Binds the data-link acceptor on `data_addr` (port 0 for any free port).
-    pub async fn new(cfg: WorkerConfig, data_addr: SocketAddr, shutdown: Arc<Notify>) -> Result<Self, baton_transport::LinkError> {
+    pub async fn new(
+        cfg: WorkerConfig,
+        data_addr: SocketAddr,
+        shutdown: Arc<Notify>,
+    ) -> Result<Self, baton_transport::LinkError> {
         let acceptor = Acceptor::bind(data_addr, &cfg.link, &cfg.negotiate).await?;
         Ok(WorkerService {
             inner: Arc::new(Inner {
@@ -95,19 +106,42 @@ impl WorkerService {
                 active: AtomicU32::new(0),
                 started: Instant::now(),
                 shutdown,
+                awaiting: Mutex::new(None),
+                incoming: tokio::sync::Mutex::new(None),
             }),
         })
     }
 
     /// The next data link whose peer proves the cluster key: a connection that fails the key
     /// handshake is logged and dropped, and the wait goes on for the peer the head announced.
-    async fn accept_authenticated(&self) -> Result<baton_transport::Negotiated, baton_transport::LinkError> {
+    async fn accept_authenticated(
+        &self,
+    ) -> Result<baton_transport::Negotiated, baton_transport::LinkError> {
         loop {
             match self.inner.acceptor.accept().await {
-                Err(baton_transport::LinkError::Auth(e)) => tracing::warn!("refused a data connection: {e}"),
+                Err(baton_transport::LinkError::Auth(e)) => {
+                    tracing::warn!("refused a data connection: {e}")
+                }
                 r => return r,
             }
         }
+    }
+
+    /// The shard being received, started afresh unless it is `set`'s.
+    fn incoming_for<'a>(
+        &self,
+        slot: &'a mut Option<Incoming>,
+        set: pb::WeightSet,
+    ) -> Result<&'a mut Incoming, Status> {
+        if slot
+            .as_ref()
+            .is_none_or(|i| i.set().shard_key != set.shard_key)
+        {
+            let started = Incoming::start(&self.inner.cfg.weights_cache, set)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            *slot = Some(started);
+        }
+        Ok(slot.as_mut().expect("just set"))
     }
 
     pub fn data_addr(&self) -> Result<SocketAddr, baton_transport::LinkError> {
@@ -115,20 +149,40 @@ impl WorkerService {
     }
 
     fn stage(&self) -> Result<Option<Arc<Mutex<Stage>>>, Status> {
-        Ok(self.inner.stage.lock().map_err(|_| internal("stage"))?.clone())
+        Ok(self
+            .inner
+            .stage
+            .lock()
+            .map_err(|_| internal("stage"))?
+            .clone())
     }
 
     fn loaded_stage(&self) -> Result<Arc<Mutex<Stage>>, Status> {
-        self.stage()?.ok_or_else(|| Status::failed_precondition("no shard is loaded"))
+        self.stage()?
+            .ok_or_else(|| Status::failed_precondition("no shard is loaded"))
     }
 
     /// Starts the stage loop once the shard and both links are there.
     fn maybe_start(&self) -> Result<(), Status> {
-        let Some(stage) = self.stage()? else { return Ok(()) };
+        let Some(stage) = self.stage()? else {
+            return Ok(());
+        };
         let links = self.inner.links.lock().map_err(|_| internal("links"))?;
-        let (Some(up), Some(down)) = (&links.upstream, &links.downstream) else { return Ok(()) };
-        tracing::info!("stage loop running: {} → {}", up.link.peer(), down.link.peer());
-        tokio::spawn(run_loop(stage, up.link.clone(), down.link.clone(), up.counters.clone(), down.counters.clone()));
+        let (Some(up), Some(down)) = (&links.upstream, &links.downstream) else {
+            return Ok(());
+        };
+        tracing::info!(
+            "stage loop running: {} → {}",
+            up.link.peer(),
+            down.link.peer()
+        );
+        tokio::spawn(run_loop(
+            stage,
+            up.link.clone(),
+            down.link.clone(),
+            up.counters.clone(),
+            down.counters.clone(),
+        ));
         Ok(())
     }
 
@@ -137,12 +191,19 @@ impl WorkerService {
         // Never wait for the stage: a heartbeat stuck behind a long forward would look like death.
         let mut forwards = (0, 0.0);
         if let Some(Ok(s)) = self.stage().ok().flatten().as_ref().map(|s| s.try_lock()) {
-            self.inner.kv_bytes.store(s.shard().kv_bytes(), Ordering::Relaxed);
-            self.inner.active.store(s.shard().open_sequences() as u32, Ordering::Relaxed);
+            self.inner
+                .kv_bytes
+                .store(s.shard().kv_bytes(), Ordering::Relaxed);
+            self.inner
+                .active
+                .store(s.shard().open_sequences() as u32, Ordering::Relaxed);
             let (n, t) = s.forward_totals();
             forwards = (n, t.as_secs_f64());
         }
-        let (kv, active) = (self.inner.kv_bytes.load(Ordering::Relaxed), self.inner.active.load(Ordering::Relaxed));
+        let (kv, active) = (
+            self.inner.kv_bytes.load(Ordering::Relaxed),
+            self.inner.active.load(Ordering::Relaxed),
+        );
         let state = match self.inner.state.load(Ordering::Relaxed) {
             STATE_LOADING => pb::NodeState::Loading,
             STATE_SERVING => pb::NodeState::Serving,
@@ -160,9 +221,19 @@ impl WorkerService {
         }
     }
 
+    /// Hands the weights to the `LoadShard` waiting for them, if any.
+    fn weights_ready(&self, path: PathBuf, source: &'static str) {
+        if let Some(tx) = self.inner.awaiting.lock().ok().and_then(|mut a| a.take()) {
+            let _ = tx.send((path, source));
+        }
+    }
+
     fn rdma_gate(&self) -> pb::RdmaGate {
         match baton_transport::rdma::local_gate(&self.inner.cfg.link.rdma, None) {
-            Ok(_) => pb::RdmaGate { passed: true, ..Default::default() },
+            Ok(_) => pb::RdmaGate {
+                passed: true,
+                ..Default::default()
+            },
             Err(e) => pb::RdmaGate {
                 passed: false,
                 failed_step: e.gate_step().map(|s| s.to_string()).unwrap_or_default(),
@@ -172,11 +243,9 @@ impl WorkerService {
     }
 }
 
-/// This build's protocol: weight push is not implemented by this worker yet, so it is not offered.
+/// This build's protocol.
 pub fn worker_protocol() -> pb::Protocol {
-    let mut p = baton_proto::local_protocol();
-    p.features.retain(|f| f != "weights-push");
-    p
+    baton_proto::local_protocol()
 }
 
 pub fn sampling_from_proto(p: &pb::SamplingParams) -> SamplingParams {
@@ -185,7 +254,11 @@ pub fn sampling_from_proto(p: &pb::SamplingParams) -> SamplingParams {
         top_k: (p.top_k > 0).then_some(p.top_k as usize),
         top_p: (p.top_p > 0.0 && p.top_p < 1.0).then_some(p.top_p),
         min_p: (p.min_p > 0.0).then_some(p.min_p),
-        repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+        repetition_penalty: if p.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
         seed: p.seed.unwrap_or_else(rand_seed),
@@ -209,7 +282,10 @@ pub fn sampling_to_proto(s: &SamplingParams) -> pb::SamplingParams {
 }
 
 fn rand_seed() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ u64::from(std::process::id())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id())
 }
 
 pub fn wire_from_proto(w: i32) -> Result<WireDType, Status> {
@@ -245,7 +321,12 @@ pub fn preference_from_proto(p: i32) -> Preference {
     }
 }
 
-pub fn link_reply(link_id: &str, link: &Link, report: &NegotiationReport, local: String) -> pb::SetupLinkReply {
+pub fn link_reply(
+    link_id: &str,
+    link: &Link,
+    report: &NegotiationReport,
+    local: String,
+) -> pb::SetupLinkReply {
     pb::SetupLinkReply {
         link_id: link_id.to_string(),
         chosen: transport_to_proto(report.chosen) as i32,
@@ -253,7 +334,10 @@ pub fn link_reply(link_id: &str, link: &Link, report: &NegotiationReport, local:
         rejected: report
             .rejected
             .iter()
-            .map(|r| pb::Rejection { transport: transport_to_proto(r.transport) as i32, reason: r.reason.clone() })
+            .map(|r| pb::Rejection {
+                transport: transport_to_proto(r.transport) as i32,
+                reason: r.reason.clone(),
+            })
             .collect(),
         local_addr: local,
         peer_addr: link.peer().to_string(),
@@ -261,15 +345,27 @@ pub fn link_reply(link_id: &str, link: &Link, report: &NegotiationReport, local:
 }
 
 fn progress(phase: pb::LoadPhase, message: impl Into<String>) -> pb::LoadProgress {
-    pb::LoadProgress { phase: phase as i32, message: message.into(), ..Default::default() }
+    pb::LoadProgress {
+        phase: phase as i32,
+        message: message.into(),
+        ..Default::default()
+    }
 }
 
 /// Opens the model at `path` and loads `range` of it (blocking: reads weights).
-fn load_shard(path: PathBuf, range: std::ops::Range<usize>, device: Device) -> Result<(Shard, u64), String> {
-    let source = ModelSource::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+fn load_shard(
+    path: PathBuf,
+    range: std::ops::Range<usize>,
+    device: Device,
+) -> Result<(Shard, u64), String> {
+    let source =
+        ModelSource::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
     let n_layers = source.config().n_layers;
     if range.end > n_layers || range.start >= range.end {
-        return Err(format!("layers {}..{} are not a range of this model's {n_layers}", range.start, range.end));
+        return Err(format!(
+            "layers {}..{} are not a range of this model's {n_layers}",
+            range.start, range.end
+        ));
     }
     let bytes = source.manifest().stage_weight_bytes(range.start, range.end);
     let shard = Shard::load(&source, range, &device).map_err(|e| e.to_string())?;
@@ -278,7 +374,10 @@ fn load_shard(path: PathBuf, range: std::ops::Range<usize>, device: Device) -> R
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
         let req = req.into_inner();
         let cfg = &self.inner.cfg;
         if req.cluster_id != cfg.cluster_id {
@@ -299,7 +398,9 @@ impl Worker for WorkerService {
         if rdma.passed && cfg.negotiate.enable_rdma {
             transports.push(pb::Transport::Rdma as i32);
         }
-        let data = self.data_addr().map_err(|e| Status::internal(e.to_string()))?;
+        let data = self
+            .data_addr()
+            .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!("hello from head {} ({})", req.head_name, req.version);
         Ok(Response::new(pb::HelloReply {
             node: Some(pb::NodeInfo {
@@ -321,28 +422,92 @@ impl Worker for WorkerService {
 
     type LoadShardStream = Boxed<pb::LoadProgress>;
 
-    async fn load_shard(&self, req: Request<pb::LoadShardRequest>) -> Result<Response<Self::LoadShardStream>, Status> {
+    async fn load_shard(
+        &self,
+        req: Request<pb::LoadShardRequest>,
+    ) -> Result<Response<Self::LoadShardStream>, Status> {
         let req = req.into_inner();
-        let path = PathBuf::from(req.model.as_ref().map(|m| m.path.clone()).unwrap_or_default());
-        let layers = req.layers.ok_or_else(|| Status::invalid_argument("no layer range"))?;
+        let mut path = PathBuf::from(
+            req.model
+                .as_ref()
+                .map(|m| m.path.clone())
+                .unwrap_or_default(),
+        );
+        let layers = req
+            .layers
+            .ok_or_else(|| Status::invalid_argument("no layer range"))?;
+        let allow_push = req.allow_push;
+        // A load starts a new chain (a new head, or the same one re-planning): the links and the
+        // stage of the earlier one must not be mixed with the new ones.
+        *self.inner.links.lock().map_err(|_| internal("links"))? = Links::default();
+        *self.inner.stage.lock().map_err(|_| internal("stage"))? = None;
         let wire = wire_from_proto(req.wire_dtype)?;
         let (tx, rx) = mpsc::channel(8);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = tx.send(Ok(progress(pb::LoadPhase::Checking, format!("looking for {}", path.display())))).await;
+            let _ = tx
+                .send(Ok(progress(
+                    pb::LoadPhase::Checking,
+                    format!("looking for {}", path.display()),
+                )))
+                .await;
+            let mut source = "local";
             if !path.exists() {
-                let msg = format!("model file {} is not on this worker (weight push is not implemented yet)", path.display());
-                let mut p = progress(pb::LoadPhase::Failed, msg.clone());
-                p.result = Some(pb::load_progress::Result::Error(msg));
-                let _ = tx.send(Ok(p)).await;
-                return;
+                let fail = |msg: String| {
+                    let mut p = progress(pb::LoadPhase::Failed, msg.clone());
+                    p.result = Some(pb::load_progress::Result::Error(msg));
+                    p
+                };
+                if !allow_push {
+                    let _ = tx
+                        .send(Ok(fail(format!(
+                            "model file {} is not on this worker and the head offers no weights",
+                            path.display()
+                        ))))
+                        .await;
+                    return;
+                }
+                let (ready, arrived) = tokio::sync::oneshot::channel();
+                if let Ok(mut a) = this.inner.awaiting.lock() {
+                    *a = Some(ready);
+                }
+                let msg = format!(
+                    "no model file at {}: waiting for the head to push layers {layers}",
+                    path.display()
+                );
+                tracing::info!("{msg}");
+                let _ = tx
+                    .send(Ok(progress(pb::LoadPhase::AwaitingWeights, msg)))
+                    .await;
+                // The head pushes on another connection; if it hangs up on this one, stop waiting.
+                let got = tokio::select! {
+                    got = arrived => got,
+                    _ = tx.closed() => return,
+                };
+                match got {
+                    Ok((p, from)) => (path, source) = (p, from),
+                    Err(_) => {
+                        let _ = tx
+                            .send(Ok(fail(
+                                "the weights never arrived: another load replaced this one".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                }
             }
             this.inner.state.store(STATE_LOADING, Ordering::Relaxed);
-            let _ = tx.send(Ok(progress(pb::LoadPhase::Reading, format!("reading layers {layers}")))).await;
+            let _ = tx
+                .send(Ok(progress(
+                    pb::LoadPhase::Reading,
+                    format!("reading layers {layers}"),
+                )))
+                .await;
             let device = this.inner.cfg.device.clone();
-            let loaded = tokio::task::spawn_blocking(move || load_shard(path, layers.range(), device))
-                .await
-                .unwrap_or_else(|e| Err(format!("load task failed: {e}")));
+            let loaded =
+                tokio::task::spawn_blocking(move || load_shard(path, layers.range(), device))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("load task failed: {e}")));
             let last = match loaded {
                 Ok((shard, bytes)) => {
                     let manifest = pb::ShardManifest {
@@ -351,14 +516,14 @@ impl Worker for WorkerService {
                         kv_bytes: 0,
                         has_embedding: shard.is_first(),
                         has_head: shard.is_last(),
-                        source: "local".into(),
+                        source: source.into(),
                         available_memory_after: crate::sysinfo::memory().1,
                     };
                     if let Ok(mut slot) = this.inner.stage.lock() {
                         *slot = Some(Arc::new(Mutex::new(Stage::new(shard, wire))));
                     }
                     this.inner.state.store(STATE_SERVING, Ordering::Relaxed);
-                    tracing::info!("loaded layers {layers} ({bytes} bytes)");
+                    tracing::info!("loaded layers {layers} ({bytes} bytes, {source})");
                     let mut p = progress(pb::LoadPhase::Ready, format!("layers {layers} ready"));
                     p.bytes_done = bytes;
                     p.bytes_total = bytes;
@@ -380,22 +545,124 @@ impl Worker for WorkerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn resume_weights(&self, _: Request<pb::WeightSet>) -> Result<Response<pb::WeightsResume>, Status> {
-        Err(Status::unimplemented("weight push is not implemented by this worker yet; give it a local model file"))
+    async fn resume_weights(
+        &self,
+        req: Request<pb::WeightSet>,
+    ) -> Result<Response<pb::WeightsResume>, Status> {
+        let set = req.into_inner();
+        if let Some(path) = cached(&self.inner.cfg.weights_cache, &set) {
+            tracing::info!(
+                "shard {} is in the cache: {}",
+                set.shard_key,
+                path.display()
+            );
+            self.weights_ready(path, "cache");
+            return Ok(Response::new(pb::WeightsResume {
+                have: set.tensors.iter().map(|t| t.size).collect(),
+            }));
+        }
+        let mut incoming = self.inner.incoming.lock().await;
+        let incoming = self.incoming_for(&mut incoming, set)?;
+        Ok(Response::new(incoming.receiver().resume()))
     }
 
-    async fn push_weights(&self, _: Request<Streaming<pb::WeightsPush>>) -> Result<Response<pb::PushWeightsReply>, Status> {
-        Err(Status::unimplemented("weight push is not implemented by this worker yet; give it a local model file"))
+    async fn push_weights(
+        &self,
+        req: Request<Streaming<pb::WeightsPush>>,
+    ) -> Result<Response<pb::PushWeightsReply>, Status> {
+        let mut stream = req.into_inner();
+        let set = match stream.message().await? {
+            Some(pb::WeightsPush {
+                item: Some(pb::weights_push::Item::Begin(set)),
+            }) => set,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a weight push must begin with its weight set",
+                ))
+            }
+        };
+        let mut guard = self.inner.incoming.lock().await;
+        let incoming = self.incoming_for(&mut guard, set)?;
+        let total = incoming.receiver().bytes_total();
+        let bar = crate::progress::bar(
+            total,
+            format!(
+                "receiving shard {}",
+                &incoming.set().shard_key[..8.min(incoming.set().shard_key.len())]
+            ),
+        );
+        bar.set_position(incoming.receiver().bytes_done());
+        let mut logged = crate::progress::Milestones::new(total);
+        loop {
+            match stream.message().await {
+                Ok(Some(pb::WeightsPush {
+                    item: Some(pb::weights_push::Item::Chunk(chunk)),
+                })) => {
+                    incoming
+                        .write(&chunk)
+                        .map_err(|e| Status::data_loss(e.to_string()))?;
+                    let done = incoming.receiver().bytes_done();
+                    bar.set_position(done);
+                    if let Some(pct) = logged.passed(done) {
+                        tracing::info!("receiving weights: {pct}% of {} MiB", total >> 20);
+                    }
+                }
+                Ok(Some(_)) => {
+                    return Err(Status::invalid_argument(
+                        "a weight push carries one weight set, then chunks",
+                    ))
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    bar.abandon();
+                    tracing::warn!(
+                        "weight push broke off at {} of {total} bytes ({}); it resumes from there",
+                        incoming.receiver().bytes_done(),
+                        s.message()
+                    );
+                    return Err(s);
+                }
+            }
+        }
+        let have = incoming.receiver().have().to_vec();
+        if !incoming.receiver().is_complete() {
+            return Ok(Response::new(pb::PushWeightsReply {
+                have,
+                complete: false,
+            }));
+        }
+        bar.finish();
+        let done = guard.take().expect("held above");
+        let path = done.finish().map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(
+            "received all {} MiB of the shard into {}",
+            total >> 20,
+            path.display()
+        );
+        self.weights_ready(path, "pushed");
+        Ok(Response::new(pb::PushWeightsReply {
+            have,
+            complete: true,
+        }))
     }
 
-    async fn setup_link(&self, req: Request<pb::SetupLinkRequest>) -> Result<Response<pb::SetupLinkReply>, Status> {
+    async fn setup_link(
+        &self,
+        req: Request<pb::SetupLinkRequest>,
+    ) -> Result<Response<pb::SetupLinkReply>, Status> {
         let req = req.into_inner();
-        let timeout = Duration::from_millis(if req.timeout_ms == 0 { 15_000 } else { u64::from(req.timeout_ms) });
+        let timeout = Duration::from_millis(if req.timeout_ms == 0 {
+            15_000
+        } else {
+            u64::from(req.timeout_ms)
+        });
         let mut opts = self.inner.cfg.negotiate.clone();
         opts.preference = preference_from_proto(req.preference);
         let role = pb::LinkRole::try_from(req.role).unwrap_or(pb::LinkRole::Unspecified);
         let negotiated = match role {
-            pb::LinkRole::Accept => tokio::time::timeout(timeout, self.accept_authenticated()).await,
+            pb::LinkRole::Accept => {
+                tokio::time::timeout(timeout, self.accept_authenticated()).await
+            }
             pb::LinkRole::Connect => {
                 let addr: SocketAddr = req
                     .peer_addrs
@@ -405,15 +672,33 @@ impl Worker for WorkerService {
                     .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
                 tokio::time::timeout(timeout, dial(addr, &self.inner.cfg.link, &opts)).await
             }
-            pb::LinkRole::Unspecified => return Err(Status::invalid_argument("link role unspecified")),
+            pb::LinkRole::Unspecified => {
+                return Err(Status::invalid_argument("link role unspecified"))
+            }
         };
         let n = negotiated
-            .map_err(|_| Status::deadline_exceeded(format!("link {} not set up within {timeout:?}", req.link_id)))?
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "link {} not set up within {timeout:?}",
+                    req.link_id
+                ))
+            })?
             .map_err(|e| Status::unavailable(format!("link {}: {e}", req.link_id)))?;
         let local = self.data_addr().map(|a| a.to_string()).unwrap_or_default();
         let reply = link_reply(&req.link_id, &n.link, &n.report, local);
-        tracing::info!("link {} ({:?}) to {}: {}", req.link_id, role, n.link.peer(), n.report);
-        let data = DataLink { id: req.link_id, link: Arc::new(n.link), report: n.report, counters: Default::default() };
+        tracing::info!(
+            "link {} ({:?}) to {}: {}",
+            req.link_id,
+            role,
+            n.link.peer(),
+            n.report
+        );
+        let data = DataLink {
+            id: req.link_id,
+            link: Arc::new(n.link),
+            report: n.report,
+            counters: Default::default(),
+        };
         {
             let mut links = self.inner.links.lock().map_err(|_| internal("links"))?;
             if role == pb::LinkRole::Accept {
@@ -426,30 +711,55 @@ impl Worker for WorkerService {
         Ok(Response::new(reply))
     }
 
-    async fn open_sequence(&self, req: Request<pb::OpenSequenceRequest>) -> Result<Response<pb::OpenSequenceReply>, Status> {
+    async fn open_sequence(
+        &self,
+        req: Request<pb::OpenSequenceRequest>,
+    ) -> Result<Response<pb::OpenSequenceReply>, Status> {
         let req = req.into_inner();
         if self.inner.state.load(Ordering::Relaxed) == STATE_DRAINING {
             return Err(Status::unavailable("draining: no new sequences"));
         }
         let stage = self.loaded_stage()?;
         let params = sampling_from_proto(&req.sampling.unwrap_or_default());
-        let mut stage = stage.lock().map_err(|_| internal("stage"))?;
-        stage
-            .open_sequence(req.sequence_id, Some((params, &req.prompt_tokens)))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(pb::OpenSequenceReply { sequence_id: req.sequence_id, kv_bytes_reserved: 0 }))
+        // The lock waits for the forward in progress: off the async threads, which must keep
+        // answering heartbeats meanwhile.
+        tokio::task::spawn_blocking(move || {
+            let mut stage = stage.lock().map_err(|_| internal("stage"))?;
+            stage
+                .open_sequence(req.sequence_id, Some((params, &req.prompt_tokens)))
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("open task: {e}")))??;
+        Ok(Response::new(pb::OpenSequenceReply {
+            sequence_id: req.sequence_id,
+            kv_bytes_reserved: 0,
+        }))
     }
 
-    async fn close_sequence(&self, req: Request<pb::CloseSequenceRequest>) -> Result<Response<pb::CloseSequenceReply>, Status> {
+    async fn close_sequence(
+        &self,
+        req: Request<pb::CloseSequenceRequest>,
+    ) -> Result<Response<pb::CloseSequenceReply>, Status> {
         let id = req.into_inner().sequence_id;
         let stage = self.loaded_stage()?;
-        let existed = stage.lock().map_err(|_| internal("stage"))?.close_sequence(id);
+        let existed = tokio::task::spawn_blocking(move || {
+            stage
+                .lock()
+                .map(|mut s| s.close_sequence(id))
+                .map_err(|_| internal("stage"))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("close task: {e}")))??;
         Ok(Response::new(pb::CloseSequenceReply { existed }))
     }
 
     type HealthStream = Boxed<pb::Heartbeat>;
 
-    async fn health(&self, req: Request<pb::HealthRequest>) -> Result<Response<Self::HealthStream>, Status> {
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<Self::HealthStream>, Status> {
         // Faster than 50 ms would only burn CPU that the stage needs.
         let interval = Duration::from_millis(u64::from(req.into_inner().interval_ms.max(50)));
         let (tx, rx) = mpsc::channel(4);
@@ -458,8 +768,14 @@ impl Worker for WorkerService {
             let mut tick = tokio::time::interval(interval);
             for seq in 0u64.. {
                 tick.tick().await;
-                let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                let beat = pb::Heartbeat { seq, unix_ms, load: Some(this.load()) };
+                let unix_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let beat = pb::Heartbeat {
+                    seq,
+                    unix_ms,
+                    load: Some(this.load()),
+                };
                 if tx.send(Ok(beat)).await.is_err() {
                     return;
                 }
@@ -468,7 +784,10 @@ impl Worker for WorkerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsReply>, Status> {
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsReply>, Status> {
         let tokens = match self.stage()? {
             Some(s) => s.lock().map_err(|_| internal("stage"))?.tokens_processed(),
             None => 0,
@@ -503,22 +822,35 @@ impl Worker for WorkerService {
         }))
     }
 
-    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
         self.inner.state.store(STATE_DRAINING, Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_millis(u64::from(req.into_inner().timeout_ms));
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::from(req.into_inner().timeout_ms));
         loop {
             let open = match self.stage()? {
-                Some(s) => s.lock().map_err(|_| internal("stage"))?.shard().open_sequences() as u32,
+                Some(s) => s
+                    .lock()
+                    .map_err(|_| internal("stage"))?
+                    .shard()
+                    .open_sequences() as u32,
                 None => 0,
             };
             if open == 0 || Instant::now() >= deadline {
-                return Ok(Response::new(pb::DrainReply { sequences_remaining: open }));
+                return Ok(Response::new(pb::DrainReply {
+                    sequences_remaining: open,
+                }));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    async fn shutdown(&self, req: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownReply>, Status> {
+    async fn shutdown(
+        &self,
+        req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownReply>, Status> {
         tracing::info!("shutdown requested: {}", req.into_inner().reason);
         self.inner.shutdown.notify_one();
         Ok(Response::new(pb::ShutdownReply {}))
