@@ -30,8 +30,10 @@ use baton_worker::Stage;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tonic::transport::Channel;
 
-/// Open and close RPCs give up after this.
-const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Open and close RPCs give up after this. A stage opens a sequence between two forwards, so the
+/// wait includes the forward in progress (a long prefill chunk on a slow CPU takes seconds); a
+/// worker that hangs is caught sooner by its heartbeats.
+const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -470,7 +472,8 @@ async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Ms
                 let out = run_blocking(stage.clone(), frame).await;
                 counters.local_forwards.fetch_add(1, Ordering::Relaxed);
                 counters.local_forward_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                if let Ok(s) = stage.lock() {
+                // Never wait here: an open or close holding the lock updates the figure itself.
+                if let Ok(s) = stage.try_lock() {
                     counters.local_kv_bytes.store(s.shard().kv_bytes(), Ordering::Relaxed);
                 }
                 match out {
@@ -510,15 +513,26 @@ async fn open_everywhere(chain: &Chain, seq: u64, sampling: SamplingParams, prom
         .await
         .map_err(|e| format!("stage 0: open task: {e}"))??;
     }
+    // All workers at once: each answers between two of its forwards.
+    let mut calls = tokio::task::JoinSet::new();
     for (name, client) in &chain.workers {
-        let mut client = client.clone();
-        match tokio::time::timeout(RPC_TIMEOUT, client.open_sequence(open.clone())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(s)) => return Err(format!("worker {name}: open sequence: {}", s.message())),
-            Err(_) => return Err(format!("worker {name}: open sequence timed out")),
+        let (name, mut client, open) = (name.clone(), client.clone(), open.clone());
+        calls.spawn(async move {
+            match tokio::time::timeout(RPC_TIMEOUT, client.open_sequence(open)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(s)) => Err(format!("worker {name}: open sequence: {}", s.message())),
+                Err(_) => Err(format!("worker {name}: open sequence timed out")),
+            }
+        });
+    }
+    let mut result = Ok(());
+    while let Some(done) = calls.join_next().await {
+        let r = done.map_err(|e| format!("open task: {e}")).and_then(|r| r);
+        if result.is_ok() {
+            result = r;
         }
     }
-    Ok(())
+    result
 }
 
 /// Frees the sequence on every stage that still answers.
@@ -536,10 +550,12 @@ async fn close_everywhere(chain: &Chain, counters: &Counters, seq: u64) {
             counters.local_kv_bytes.store(kv, Ordering::Relaxed);
         }
     }
+    let mut calls = tokio::task::JoinSet::new();
     for (_, client) in &chain.workers {
         let mut client = client.clone();
-        let _ = tokio::time::timeout(RPC_TIMEOUT, client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq })).await;
+        calls.spawn(async move { tokio::time::timeout(RPC_TIMEOUT, client.close_sequence(pb::CloseSequenceRequest { sequence_id: seq })).await });
     }
+    while calls.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
