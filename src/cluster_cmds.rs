@@ -196,6 +196,9 @@ pub struct WorkerArgs {
     /// Exit when stdin reaches end of file (`baton serve` ties its workers' lifetime to its own).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    /// Do not announce this worker over mDNS (heads must then list its address).
+    #[arg(long)]
+    pub no_mdns: bool,
 }
 
 #[derive(clap::Args)]
@@ -204,9 +207,14 @@ pub struct HeadArgs {
     /// embedded model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Worker control addresses (`host:port`), comma-separated, in stage order.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Worker control addresses (`host:port`), comma-separated, in stage order; default: the
+    /// cluster's workers found over mDNS and cluster.toml's `peers`, ordered by name.
+    #[arg(long, value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// Without --workers: how many workers to wait for while browsing (at most the configured
+    /// browse time).
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
     /// Element type of hidden states between stages: bf16, f16 or f32 (exact).
     #[arg(long, default_value = "bf16")]
     pub wire_dtype: WireDType,
@@ -281,11 +289,18 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
     };
     let data_addr = args.data_listen.unwrap_or(SocketAddr::new(args.listen.ip(), 0));
     let security = baton_proto::ControlSecurity::new(key.as_bytes())?;
+    let (name, id, no_mdns) = (cfg.identity.name.clone(), cfg.identity.id.to_string(), args.no_mdns);
+    let backend_name = cfg.backend.short_name();
+    let mut transports = vec!["tcp".to_string()];
+    if cfg.negotiate.enable_quic {
+        transports.push("quic".into());
+    }
     runtime()?.block_on(async move {
         let shutdown = Arc::new(Notify::new());
         let service = WorkerService::new(cfg, data_addr, shutdown).await?;
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let control = listener.local_addr()?;
+        let _announced = if no_mdns { None } else { crate::discover::advertise(&name, &id, &key, control, backend_name, transports) };
         // One line on stdout says where the worker listens (`baton serve` reads it).
         println!("BATON_WORKER_READY control={control} data={}", service.data_addr()?);
         std::io::stdout().flush()?;
@@ -334,7 +349,13 @@ fn head_config(model: PathBuf, workers: Vec<String>, wire: WireDType, local_stag
 
 pub fn run_head(args: HeadArgs) -> Result<()> {
     let model = crate::models::resolve(args.model)?;
-    let cfg = head_config(model.clone(), args.workers, args.wire_dtype, !args.no_worker, args.bind_ip, &args.node, &args.run)?;
+    let workers = if args.workers.is_empty() {
+        let cluster = ClusterConfig::load_or_default(args.run.api.config.as_deref())?;
+        crate::discover::discover_workers(&args.node.key()?.0, &cluster, args.min_workers.max(1))?
+    } else {
+        args.workers
+    };
+    let cfg = head_config(model.clone(), workers, args.wire_dtype, !args.no_worker, args.bind_ip, &args.node, &args.run)?;
     runtime()?.block_on(async move {
         let head = Head::start(cfg).await?;
         let r = drive(&head, &model, &args.run).await;
@@ -359,7 +380,7 @@ impl Drop for Children {
 fn spawn_worker(i: usize, state_dir: &Path, key_file: &Path, node: &NodeFlags, children: &mut Children) -> Result<String> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin", "--transport", &node.transport.to_string(), "--device", &node.device])
+    cmd.args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin", "--no-mdns", "--transport", &node.transport.to_string(), "--device", &node.device])
         .arg("--state-dir")
         .arg(state_dir.join("serve-workers").join(i.to_string()))
         .arg("--key-file")

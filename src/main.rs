@@ -4,6 +4,7 @@ mod bench_generate;
 mod bench_serve;
 mod bench_transport;
 mod cluster_cmds;
+mod discover;
 mod doctor;
 mod generate;
 mod inspect;

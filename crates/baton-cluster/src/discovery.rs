@@ -540,8 +540,12 @@ pub async fn probe_static_peers(
     timeout: Duration,
 ) -> Vec<(String, String)> {
     let mut failed = Vec::new();
+    let cluster_id = match inventory.lock() {
+        Ok(inv) => inv.cluster_id().to_string(),
+        Err(_) => return vec![],
+    };
     for peer in peers {
-        match hello(peer, security, timeout).await {
+        match hello(peer, &cluster_id, security, timeout).await {
             Ok((info, addrs, port)) => {
                 let advert = Advert::from_node_info(&info, port);
                 if let Ok(mut inv) = inventory.lock() {
@@ -567,6 +571,7 @@ pub async fn probe_static_peers(
 
 async fn hello(
     peer: &str,
+    cluster_id: &str,
     security: &baton_proto::ControlSecurity,
     timeout: Duration,
 ) -> Result<(baton_proto::pb::NodeInfo, Vec<SocketAddr>, u16), String> {
@@ -579,6 +584,7 @@ async fn hello(
     let request = baton_proto::pb::HelloRequest {
         protocol: Some(baton_proto::local_protocol()),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        cluster_id: cluster_id.to_string(),
         ..Default::default()
     };
     let call = async {
