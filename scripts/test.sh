@@ -17,4 +17,5 @@ echo "== scripts/api-ci.sh"
 bash scripts/api-ci.sh
 
 echo "== cargo test"
-cargo test --workspace --locked -- --test-threads="${BATON_TEST_THREADS:-2}"
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${BATON_TEST_THREADS:-2}"
