@@ -31,7 +31,7 @@ pub struct BenchServeArgs {
     /// Concurrent clients; a list runs once per value.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     clients: Vec<usize>,
-    /// Requests per run; default: 2 per client, at least 4.
+    /// Requests per run; default: one per client, at least 4.
     #[arg(long)]
     requests: Option<usize>,
     #[arg(long, default_value_t = 128)]
@@ -42,6 +42,9 @@ pub struct BenchServeArgs {
     /// runs.
     #[arg(long, default_value_t = 2048)]
     long_prompt_tokens: usize,
+    /// Client counts that get the run with the long prompt; default: every count of --clients.
+    #[arg(long, value_delimiter = ',')]
+    long_prompt_clients: Option<Vec<usize>>,
     /// A run stops starting requests after this many seconds (those started finish).
     #[arg(long, default_value_t = 300)]
     time_cap_s: u64,
@@ -211,8 +214,9 @@ impl Response {
     }
 }
 
-/// Streams one completion and times its chunks.
-async fn stream_one(t: &Target, model: &str, prompt: &[u32], max_tokens: usize) -> Result<Sample> {
+/// Streams one completion and times its chunks; `on_first` runs when its first text arrives.
+async fn stream_one(t: &Target, model: &str, prompt: &[u32], max_tokens: usize, on_first: impl FnOnce()) -> Result<Sample> {
+    let mut on_first = Some(on_first);
     let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
                       "stream_options": {"include_usage": true}});
     let sent = Instant::now();
@@ -244,6 +248,9 @@ async fn stream_one(t: &Target, model: &str, prompt: &[u32], max_tokens: usize) 
                 }
                 first.get_or_insert(now);
                 last = Some(now);
+                if let Some(f) = on_first.take() {
+                    f();
+                }
             }
         }
     }
@@ -289,7 +296,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn run_once(t: Arc<Target>, model: Arc<String>, args: &BenchServeArgs, clients: usize, long: bool) -> Result<Record> {
-    let requests = args.requests.unwrap_or((2 * clients).max(4));
+    let requests = args.requests.unwrap_or(clients.max(4));
     let mut prompts = Vec::with_capacity(requests);
     for i in 0..requests {
         prompts.push(prompt(&t, &model, i, args.prompt_tokens).await?);
@@ -297,14 +304,17 @@ async fn run_once(t: Arc<Target>, model: Arc<String>, args: &BenchServeArgs, cli
     let prompts = Arc::new(prompts);
     let long_prompt = if long { Some(prompt(&t, &model, usize::MAX, args.long_prompt_tokens).await?) } else { None };
     let next = Arc::new(AtomicUsize::new(0));
+    // The long prompt arrives once half of the requests are decoding (their first token is out).
+    let decoding = Arc::new(AtomicUsize::new(0));
     let halfway = Arc::new(Notify::new());
+    let half = requests.div_ceil(2);
     let started = Instant::now();
     let cap = Duration::from_secs(args.time_cap_s);
     let timeout = Duration::from_secs(args.request_timeout_s);
     let output = args.output_tokens;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
-        let (t, model, prompts, next, halfway) = (t.clone(), model.clone(), prompts.clone(), next.clone(), halfway.clone());
+        let (t, model, prompts, next, halfway, decoding) = (t.clone(), model.clone(), prompts.clone(), next.clone(), halfway.clone(), decoding.clone());
         tasks.spawn(async move {
             let mut out = Vec::new();
             loop {
@@ -312,10 +322,12 @@ async fn run_once(t: Arc<Target>, model: Arc<String>, args: &BenchServeArgs, cli
                 if i >= prompts.len() || started.elapsed() > cap {
                     return out;
                 }
-                if i == prompts.len() / 2 {
-                    halfway.notify_one();
-                }
-                let r = tokio::time::timeout(timeout, stream_one(&t, &model, &prompts[i], output)).await;
+                let started_decoding = || {
+                    if decoding.fetch_add(1, Ordering::SeqCst) + 1 == half {
+                        halfway.notify_one();
+                    }
+                };
+                let r = tokio::time::timeout(timeout, stream_one(&t, &model, &prompts[i], output, started_decoding)).await;
                 out.push(r.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {timeout:?}"))));
             }
         });
@@ -324,7 +336,7 @@ async fn run_once(t: Arc<Target>, model: Arc<String>, args: &BenchServeArgs, cli
         let (t, model, halfway) = (t.clone(), model.clone(), halfway.clone());
         tokio::spawn(async move {
             halfway.notified().await;
-            tokio::time::timeout(timeout, stream_one(&t, &model, &p, output)).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+            tokio::time::timeout(timeout, stream_one(&t, &model, &p, output, || {})).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
         })
     });
     let mut samples = Vec::new();
@@ -340,6 +352,8 @@ async fn run_once(t: Arc<Target>, model: Arc<String>, args: &BenchServeArgs, cli
             }
         }
     }
+    // Should too few requests have started decoding (failures), the long prompt goes now.
+    halfway.notify_one();
     let long_prompt_ttft_ms = match long_task {
         Some(task) => match task.await? {
             Ok(s) => {
@@ -402,7 +416,7 @@ pub async fn run(args: BenchServeArgs) -> Result<()> {
     }
     for &clients in &args.clients {
         for long in [false, true] {
-            if long && args.long_prompt_tokens == 0 {
+            if long && (args.long_prompt_tokens == 0 || args.long_prompt_clients.as_ref().is_some_and(|c| !c.contains(&clients))) {
                 continue;
             }
             let r = run_once(t.clone(), model.clone(), &args, clients, long).await?;

@@ -121,6 +121,10 @@ pub struct SchedulerFlags {
     /// Micro-batches in flight at once; 0: one per stage.
     #[arg(long, default_value_t = 0)]
     pub max_in_flight: usize,
+    /// Micro-batches carrying prompt chunks in flight at once (more prefill faster, but delay the
+    /// other streams' decode steps queued behind them).
+    #[arg(long, default_value_t = 1)]
+    pub prefill_in_flight: usize,
 }
 
 impl SchedulerFlags {
@@ -131,6 +135,7 @@ impl SchedulerFlags {
             max_queued: self.max_queued,
             prefill_chunk: self.prefill_chunk,
             max_in_flight: self.max_in_flight,
+            prefill_in_flight: self.prefill_in_flight,
         }
     }
 }

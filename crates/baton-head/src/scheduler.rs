@@ -7,7 +7,8 @@
 //! prompt enters in chunks interleaved with everyone else's decode steps instead of stalling
 //! them. Up to `max_in_flight` micro-batches (by default one per stage) travel the chain at once,
 //! so while the last stage works on one batch the first works on the next; the decode sequences
-//! are spread over that many batches for the same reason.
+//! are spread over that many batches for the same reason. At most `prefill_in_flight` of them
+//! carry prompt chunks, since every decode step queued behind a chunk on a stage waits for it.
 //!
 //! A sequence is closed on every stage only when none of its micro-batches is in flight: a stage
 //! that meets an unknown sequence fails the whole micro-batch, other sequences included.
@@ -47,11 +48,15 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Micro-batches travelling the chain at once; `0` is one per stage.
     pub max_in_flight: usize,
+    /// Of those, how many may carry prompt chunks. A stage runs its micro-batches in order, so
+    /// every decode step queued behind a prompt chunk waits for it: the fewer chunks in flight,
+    /// the less a long prompt delays the other streams (and the slower it is prefilled).
+    pub prefill_in_flight: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { max_batch: 8, max_running: 16, max_queued: 64, prefill_chunk: 256, max_in_flight: 0 }
+        Self { max_batch: 8, max_running: 16, max_queued: 64, prefill_chunk: 256, max_in_flight: 0, prefill_in_flight: 1 }
     }
 }
 
@@ -177,8 +182,8 @@ struct Scheduler {
     feeder: UnboundedSender<(u64, Frame)>,
     waiting: VecDeque<Job>,
     seqs: HashMap<u64, Seq>,
-    /// Micro-batch id → the sequences it carries.
-    in_flight: HashMap<u64, Vec<u64>>,
+    /// Micro-batch id → the sequences it carries, and whether it carries prompt chunks.
+    in_flight: HashMap<u64, (Vec<u64>, bool)>,
     next_seq: u64,
     next_micro_batch: u64,
     clock: u64,
@@ -228,10 +233,10 @@ impl Scheduler {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Admit(job) => {
-                if self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                    self.reject(job, "the cluster is not serving");
-                } else {
-                    self.waiting.push_back(job);
+                let failed = self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match failed {
+                    Some(why) => self.reject(job, &why),
+                    None => self.waiting.push_back(job),
                 }
             }
             Msg::Opened { seq, result } => {
@@ -254,7 +259,7 @@ impl Scheduler {
                 }
             }
             Msg::Returned { micro_batch, result } => {
-                let Some(members) = self.in_flight.remove(&micro_batch) else { return };
+                let Some((members, _)) = self.in_flight.remove(&micro_batch) else { return };
                 for seq in &members {
                     if let Some(s) = self.seqs.get_mut(seq) {
                         s.in_flight -= 1;
@@ -393,20 +398,22 @@ impl Scheduler {
             self.close_if_idle(seq);
         }
         self.clock += 1;
-        let Some((chunks, ids)) = pack(&mut self.seqs, &self.cfg, self.clock) else { return false };
+        let prefilling = self.in_flight.values().filter(|(_, p)| *p).count();
+        let allow_prefill = prefilling < self.cfg.prefill_in_flight.max(1);
+        let Some((chunks, ids, prefill)) = pack(&mut self.seqs, &self.cfg, self.clock, allow_prefill) else { return false };
         let mb = self.next_micro_batch;
         self.next_micro_batch += 1;
         let members: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
         match tokens_frame(mb, &chunks, &ids) {
             Ok(frame) => {
-                self.in_flight.insert(mb, members);
+                self.in_flight.insert(mb, (members, prefill));
                 if self.feeder.send((mb, frame)).is_err() {
                     let _ = self.tx.send(Msg::Fail("the chain feeder stopped".into()));
                 }
             }
             Err(e) => {
                 // Cannot happen for positions and sizes the scheduler makes; fail just these.
-                self.in_flight.insert(mb, members);
+                self.in_flight.insert(mb, (members, prefill));
                 let _ = self.tx.send(Msg::Returned { micro_batch: mb, result: Err(e.to_string()) });
             }
         }
@@ -416,9 +423,10 @@ impl Scheduler {
 
 /// Packs the next micro-batch from the running sequences: the ready decode tokens, least recently
 /// served first and no more than an even share of the decoding streams per micro-batch in flight,
-/// then prompt tokens up to the prefill budget, first come first served. Marks what it took as in
-/// flight at step `clock`; `None` when no sequence has work that can go now.
-fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64) -> Option<(Vec<SeqChunk>, Vec<u32>)> {
+/// then (when `allow_prefill`) prompt tokens up to the prefill budget, first come first served.
+/// Marks what it took as in flight at step `clock` and says whether prompt chunks went; `None`
+/// when no sequence has work that can go now.
+fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64, allow_prefill: bool) -> Option<(Vec<SeqChunk>, Vec<u32>, bool)> {
     let live = |s: &Seq| s.phase == Phase::Running && !s.ending;
     let decoding = seqs.values().filter(|s| live(s) && s.sent == s.prompt_len()).count();
     // Spread the decoding streams over the micro-batches in flight, so every stage has work.
@@ -426,7 +434,7 @@ fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64) -> Opti
     let mut ready: Vec<(u64, u64)> = seqs.iter().filter(|(_, s)| live(s) && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
     ready.sort_unstable();
     ready.truncate(per_batch);
-    let mut prefill: Vec<u64> = seqs.iter().filter(|(_, s)| live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
+    let mut prefill: Vec<u64> = seqs.iter().filter(|(_, s)| allow_prefill && live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
     // Sequence ids grow with admission: first come, first prefilled.
     prefill.sort_unstable();
 
@@ -438,6 +446,7 @@ fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64) -> Opti
         chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.generated - 1, n_tokens: 1 });
         ids.push(token);
     }
+    let decodes = chunks.len();
     let mut budget = cfg.prefill_chunk.max(1);
     for seq in prefill {
         if budget == 0 || chunks.len() >= cfg.max_batch.max(1) {
@@ -458,7 +467,8 @@ fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64) -> Opti
         s.in_flight += 1;
         s.served = clock;
     }
-    Some((chunks, ids))
+    let prefill = chunks.len() > decodes;
+    Some((chunks, ids, prefill))
 }
 
 /// Sends micro-batches into the chain in the order they were packed: through stage 0 when the
@@ -584,19 +594,23 @@ mod tests {
         // Two streams decoding (prompts of 5, one token generated each) and a 40-token prompt.
         let mut seqs = HashMap::from([(1, seq(5, 5, 1, Some(70), 1)), (2, seq(5, 5, 1, Some(71), 2)), (3, seq(40, 0, 0, None, 0))]);
         let cfg = cfg(8, 16, 2);
-        let (chunks, ids) = pack(&mut seqs, &cfg, 10).unwrap();
+        let (chunks, ids, prefill) = pack(&mut seqs, &cfg, 10, true).unwrap();
+        assert!(prefill);
         // One decode stream per micro-batch (two streams over two in flight), least recently
         // served first, then the first prompt chunk.
         assert_eq!(shape(&chunks), [(1, 5, 1), (3, 0, 16)]);
         assert_eq!(ids[0], 70);
         assert_eq!(&ids[1..], &(0..16).collect::<Vec<u32>>()[..]);
-        let (chunks, _) = pack(&mut seqs, &cfg, 11).unwrap();
-        // The next chunk of the same prompt goes while the first is still in flight.
-        assert_eq!(shape(&chunks), [(2, 5, 1), (3, 16, 16)]);
-        let (chunks, _) = pack(&mut seqs, &cfg, 12).unwrap();
+        // Prompt chunks held back (one already in flight): the decode step goes alone.
+        let (chunks, _, prefill) = pack(&mut seqs, &cfg, 11, false).unwrap();
+        assert_eq!((shape(&chunks), prefill), (vec![(2, 5, 1)], false));
+        // Allowed, the next chunk of the same prompt goes while the first is still in flight.
+        let (chunks, _, _) = pack(&mut seqs, &cfg, 12, true).unwrap();
+        assert_eq!(shape(&chunks), [(3, 16, 16)]);
+        let (chunks, _, _) = pack(&mut seqs, &cfg, 13, true).unwrap();
         assert_eq!(shape(&chunks), [(3, 32, 8)]);
         // Everything is in flight now: nothing to pack.
-        assert!(pack(&mut seqs, &cfg, 13).is_none());
+        assert!(pack(&mut seqs, &cfg, 14, true).is_none());
         assert_eq!((seqs[&1].in_flight, seqs[&3].in_flight), (1, 3));
     }
 
@@ -605,23 +619,23 @@ mod tests {
         let mut seqs: HashMap<u64, Seq> = (1..=6).map(|i| (i, seq(3, 3, 2, Some(i as u32), 10 - i))).collect();
         // Six decoding streams over three micro-batches in flight: two per batch, the least
         // recently served (highest id here) first.
-        let (chunks, _) = pack(&mut seqs, &cfg(8, 16, 3), 20).unwrap();
+        let (chunks, _, _) = pack(&mut seqs, &cfg(8, 16, 3), 20, true).unwrap();
         assert_eq!(shape(&chunks), [(6, 4, 1), (5, 4, 1)]);
         // A one-sequence cap wins over the even share.
-        let (chunks, _) = pack(&mut seqs, &cfg(1, 16, 1), 21).unwrap();
+        let (chunks, _, _) = pack(&mut seqs, &cfg(1, 16, 1), 21, true).unwrap();
         assert_eq!(shape(&chunks), [(4, 4, 1)]);
         // Ending sequences and those still opening are left out.
         seqs.get_mut(&3).unwrap().ending = true;
         seqs.get_mut(&2).unwrap().phase = Phase::Opening;
-        let (chunks, _) = pack(&mut seqs, &cfg(8, 16, 1), 22).unwrap();
+        let (chunks, _, _) = pack(&mut seqs, &cfg(8, 16, 1), 22, true).unwrap();
         assert_eq!(shape(&chunks), [(1, 4, 1)]);
-        assert!(pack(&mut seqs, &cfg(8, 16, 1), 23).is_none());
+        assert!(pack(&mut seqs, &cfg(8, 16, 1), 23, true).is_none());
     }
 
     #[test]
     fn prompts_share_the_prefill_budget_in_arrival_order() {
         let mut seqs = HashMap::from([(7, seq(10, 0, 0, None, 0)), (4, seq(3, 0, 0, None, 0)), (9, seq(30, 0, 0, None, 0))]);
-        let (chunks, ids) = pack(&mut seqs, &cfg(8, 16, 2), 1).unwrap();
+        let (chunks, ids, _) = pack(&mut seqs, &cfg(8, 16, 2), 1, true).unwrap();
         assert_eq!(shape(&chunks), [(4, 0, 3), (7, 0, 10), (9, 0, 3)]);
         assert_eq!(ids.len(), 16);
     }
