@@ -16,7 +16,14 @@ const REFRESH: Duration = Duration::from_secs(5);
 
 /// Announces this worker. mDNS is a convenience: where it cannot start (no multicast), the
 /// worker still serves heads that know its address, so this only warns.
-pub fn advertise(name: &str, id: &str, key: &ClusterKey, control: SocketAddr, backend: &str, transports: Vec<String>) -> Option<Advertiser> {
+pub fn advertise(
+    name: &str,
+    id: &str,
+    key: &ClusterKey,
+    control: SocketAddr,
+    backend: &str,
+    transports: Vec<String>,
+) -> Option<Advertiser> {
     let (total, available) = baton_worker::sysinfo::memory();
     let advert = Advert {
         id: id.to_string(),
@@ -45,29 +52,57 @@ pub fn advertise(name: &str, id: &str, key: &ClusterKey, control: SocketAddr, ba
 /// The control address to reach a node at: not loopback (that is this host), IPv4 first
 /// (link-local IPv6 needs a scope).
 fn address(e: &NodeEntry) -> Option<SocketAddr> {
-    let usable: Vec<&SocketAddr> = e.control_addrs.iter().filter(|a| !a.ip().is_loopback()).collect();
-    usable.iter().find(|a| a.is_ipv4()).or_else(|| usable.first()).map(|a| **a)
+    let usable: Vec<&SocketAddr> = e
+        .control_addrs
+        .iter()
+        .filter(|a| !a.ip().is_loopback())
+        .collect();
+    usable
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| usable.first())
+        .map(|a| **a)
 }
 
 /// Worker control endpoints of this cluster, in chain order (by node name): browses mDNS (when
 /// cluster.toml allows it) until `min` workers are known or the browse time passes, and asks
 /// the static peers.
-pub fn discover_workers(key: &ClusterKey, cluster: &ClusterConfig, min: usize) -> Result<Vec<String>> {
+pub fn discover_workers(
+    key: &ClusterKey,
+    cluster: &ClusterConfig,
+    min: usize,
+) -> Result<Vec<String>> {
     let cluster_id = key.cluster_id();
     let browse = Duration::from_millis(cluster.discovery.browse_ms);
-    let inventory = Mutex::new(Inventory::new(cluster_id.clone(), Duration::from_millis(cluster.discovery.expiry_ms)));
+    let inventory = Mutex::new(Inventory::new(
+        cluster_id.clone(),
+        Duration::from_millis(cluster.discovery.expiry_ms),
+    ));
     let mut problems = Vec::new();
     if !cluster.peers.is_empty() {
         let security = baton_proto::ControlSecurity::new(key.as_bytes())?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        for (peer, why) in rt.block_on(discovery::probe_static_peers(&cluster.peers, &inventory, &security, browse.max(Duration::from_secs(5)))) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        for (peer, why) in rt.block_on(discovery::probe_static_peers(
+            &cluster.peers,
+            &inventory,
+            &security,
+            browse.max(Duration::from_secs(5)),
+        )) {
             tracing::warn!("static peer {peer}: {why}");
             problems.push(format!("static peer {peer}: {why}"));
         }
     }
-    let mut entries = inventory.lock().map(|i| i.snapshot(Instant::now())).unwrap_or_default();
+    let mut entries = inventory
+        .lock()
+        .map(|i| i.snapshot(Instant::now()))
+        .unwrap_or_default();
     if cluster.discovery.mdns && entries.len() < min {
-        match Browser::start(&cluster_id, Duration::from_millis(cluster.discovery.expiry_ms)) {
+        match Browser::start(
+            &cluster_id,
+            Duration::from_millis(cluster.discovery.expiry_ms),
+        ) {
             Ok(browser) => {
                 let found = browser.wait_until(browse, |nodes| {
                     let mut ids: Vec<&str> = nodes.iter().map(|n| n.advert.id.as_str()).collect();
@@ -86,9 +121,19 @@ pub fn discover_workers(key: &ClusterKey, cluster: &ClusterConfig, min: usize) -
         }
     }
     entries.sort_by(|a, b| a.advert.name.cmp(&b.advert.name));
-    let workers: Vec<String> = entries.iter().filter_map(address).map(|a| a.to_string()).collect();
+    let workers: Vec<String> = entries
+        .iter()
+        .filter_map(address)
+        .map(|a| a.to_string())
+        .collect();
     for e in &entries {
-        tracing::info!("found worker {} ({}) via {:?} at {:?}", e.advert.name, e.advert.id, e.sources, e.control_addrs);
+        tracing::info!(
+            "found worker {} ({}) via {:?} at {:?}",
+            e.advert.name,
+            e.advert.id,
+            e.sources,
+            e.control_addrs
+        );
     }
     if workers.len() < min {
         bail!(
