@@ -51,9 +51,9 @@ pub struct BenchTransportArgs {
     /// Cluster key file (`--serve` and `--peer`; `--local` makes a throwaway key).
     #[arg(long, env = "BATON_CLUSTER_KEY_FILE")]
     pub key_file: Option<PathBuf>,
-    /// Encrypt TCP links (AES-256-GCM) instead of only authenticating them.
+    /// Only authenticate TCP records (keyed BLAKE3 tag) instead of encrypting them (AES-256-GCM).
     #[arg(long)]
-    pub encrypt_tcp: bool,
+    pub tcp_mac_only: bool,
     /// With `--local`: carry RDMA through baton's emulated verbs provider (reported as rdma-emulated).
     #[arg(long)]
     pub emulated_rdma: bool,
@@ -243,7 +243,7 @@ fn config(args: &BenchTransportArgs) -> anyhow::Result<LinkConfig> {
         None => bail!("--serve and --peer need the cluster key: --key-file or BATON_CLUSTER_KEY_FILE"),
     };
     let mut cfg = LinkConfig::new(key);
-    cfg.encrypt_tcp = args.encrypt_tcp;
+    cfg.encrypt_tcp = !args.tcp_mac_only;
     cfg.rdma = RdmaConfig {
         library: args.rdma_lib.clone().or_else(|| {
             args.emulated_rdma.then(|| rdma::emulated_provider_path().map(PathBuf::from)).flatten()
