@@ -121,7 +121,7 @@ impl Drop for Serve {
 fn alive(pid: u32) -> bool {
     // /proc/<pid> of a reaped process disappears; a zombie's state is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
