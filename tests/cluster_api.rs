@@ -5,6 +5,8 @@
 //! queue answers 429; a client that disconnects frees its sequence everywhere. Skipped (with a
 //! message) when SmolLM2 is not fetched.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -17,19 +19,6 @@ use serde_json::{json, Value};
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 /// Generous: on a loaded 2-core machine the head and both workers share the cores.
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is not fetched (scripts/fetch-models.sh)", path.display());
-        None
-    }
-}
 
 /// A `baton serve` process serving the API on a free loopback port.
 struct Server {
@@ -177,7 +166,7 @@ fn completion(prompt: &str, stream: bool) -> Value {
 
 #[test]
 fn concurrent_streams_through_the_cluster_equal_their_solo_output() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     // Chunks of 16 prompt tokens and micro-batches of up to 4 sequences: long prompts enter in
     // several chunks, mixed with other streams' decode steps.
     let srv = Server::start(&model, &["--prefill-chunk", "16", "--max-batch", "4"]);
@@ -281,7 +270,7 @@ fn concurrent_streams_through_the_cluster_equal_their_solo_output() {
 
 #[test]
 fn a_client_that_disconnects_frees_its_sequence_on_every_stage() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     // One admitted request at most, so that the queue-full answer can be seen too.
     let srv = Server::start(&model, &["--max-queued", "1"]);
     let addr = srv.addr;

@@ -2,9 +2,11 @@
 //! refused and says so; unauthenticated connections to the worker's control port and data port
 //! are rejected while a member's still get through.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -89,27 +91,9 @@ fn start_worker(dir: &Path, key_file: &Path) -> Worker {
     w
 }
 
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is not fetched (scripts/fetch-models.sh)",
-            path.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn a_head_with_another_cluster_key_is_refused_and_says_so() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let dir = tempfile::tempdir().unwrap();
     let (ours, theirs) = (dir.path().join("ours.key"), dir.path().join("theirs.key"));
     write_key(&ours, 1);

@@ -2,6 +2,8 @@
 //! tokens (f32 wire), and a worker killed mid-generation ends the request with a clear error
 //! within 5 s while the head stays up. Skipped (with a message) when SmolLM2 is not fetched.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -17,19 +19,6 @@ const PROMPTS: [&str; 5] = [
     "The three primary colors are",
     "Water boils at a temperature of",
 ];
-
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is not fetched (scripts/fetch-models.sh)", path.display());
-        None
-    }
-}
 
 /// A `baton serve --stdin` process: requests in, JSON lines out, stderr lines collected.
 struct Serve {
@@ -139,7 +128,7 @@ fn single_process(model: &PathBuf, prompt: &str) -> String {
 }
 
 fn same_tokens_as_single_process(workers: usize) {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let expected: Vec<String> = PROMPTS.iter().map(|p| single_process(&model, p)).collect();
     let mut serve = Serve::start(workers, &model);
     serve.worker_pids(workers, Duration::from_secs(60));
@@ -171,7 +160,7 @@ fn serve_three_workers_matches_single_process() {
 
 #[test]
 fn killed_worker_ends_the_request_and_the_head_stays_up() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let mut serve = Serve::start(2, &model);
     let pids = serve.worker_pids(2, Duration::from_secs(60));
     serve.send(serde_json::json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "stream": true}));

@@ -6,8 +6,10 @@
 //!
 //! Needs root and `ip` (iproute2); without them it is skipped with a message. CI runs as root.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,24 +17,6 @@ const BATON: &str = env!("CARGO_BIN_EXE_baton");
 const PROMPT: &str = "Once upon a time, in a small village,";
 const MAX_TOKENS: &str = "8";
 const HOSTS: [&str; 4] = ["head", "worker-1", "worker-2", "worker-3"];
-
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is not fetched (scripts/fetch-models.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 fn can_run() -> bool {
     if unsafe { libc::geteuid() } != 0 {
@@ -300,7 +284,7 @@ fn workers_in_namespaces_by_mdns_then_by_static_peers() {
     if !can_run() {
         return;
     }
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let expected = single_process(&model);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");

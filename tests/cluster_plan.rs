@@ -2,29 +2,13 @@
 //! memory (here capped in cluster.toml) stops the head before any weight loads, with the
 //! shortfall and every node's figures; with room, the plan shows in `baton status`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
-
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is not fetched (scripts/fetch-models.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 /// Runs `baton serve` with `toml` as cluster.toml and one one-token prompt, bounded in time.
 fn serve(toml: &str, model: &PathBuf) -> (bool, String) {
@@ -76,7 +60,7 @@ fn serve(toml: &str, model: &PathBuf) -> (bool, String) {
 
 #[test]
 fn a_model_that_does_not_fit_gives_the_shortfall_per_node() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let toml = "memory_headroom = \"1M\"\n[nodes.headnode]\nmemory = \"20M\"\n[nodes.worker-0]\nmemory = \"20M\"\n[nodes.worker-1]\nmemory = \"20M\"\n";
     let (ok, err) = serve(toml, &model);
     assert!(!ok, "serve started a model that cannot fit:\n{err}");
@@ -99,7 +83,7 @@ fn a_model_that_does_not_fit_gives_the_shortfall_per_node() {
 
 #[test]
 fn the_planner_places_layers_by_memory() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     // worker-0 (a middle stage) can hold a few layers only: fewer than an even split's 10.
     let toml = "memory_headroom = \"1M\"\n[kv]\ncontext_length = 256\nsequences = 1\n[nodes.worker-0]\nmemory = \"24M\"\n";
     let (ok, err) = serve(toml, &model);

@@ -2,9 +2,11 @@
 //! the cluster generates the single-process tokens, a push whose connection drops midway resumes
 //! instead of restarting, and the next start loads the shard from the worker's cache.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,24 +18,6 @@ const MAX_TOKENS: &str = "8";
 /// The proxy cuts the first connection that carries more than this towards the worker: only a
 /// weight push does.
 const CUT_AFTER: u64 = 8 << 20;
-
-fn model() -> Option<PathBuf> {
-    let dir = std::env::var_os("BATON_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is not fetched (scripts/fetch-models.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 struct Worker(Child, SocketAddr);
 
@@ -215,7 +199,7 @@ fn single_process(model: &Path) -> String {
 
 #[test]
 fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches_them() {
-    let Some(model) = model() else { return };
+    let model = common::smollm2();
     let expected = single_process(&model);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
