@@ -127,10 +127,9 @@ fn single_process(model: &PathBuf, prompt: &str) -> String {
     text.strip_suffix('\n').unwrap_or(&text).to_string()
 }
 
-fn same_tokens_as_single_process(workers: usize) {
-    let model = common::smollm2();
-    let expected: Vec<String> = PROMPTS.iter().map(|p| single_process(&model, p)).collect();
-    let mut serve = Serve::start(workers, &model);
+fn same_tokens_as_single_process(workers: usize, model: &PathBuf) {
+    let expected: Vec<String> = PROMPTS.iter().map(|p| single_process(model, p)).collect();
+    let mut serve = Serve::start(workers, model);
     serve.worker_pids(workers, Duration::from_secs(60));
     for p in PROMPTS {
         serve.send(serde_json::json!({"prompt": p, "max_tokens": MAX_TOKENS}));
@@ -150,12 +149,20 @@ fn same_tokens_as_single_process(workers: usize) {
 
 #[test]
 fn serve_two_workers_matches_single_process() {
-    same_tokens_as_single_process(2);
+    same_tokens_as_single_process(2, &common::smollm2());
 }
 
 #[test]
 fn serve_three_workers_matches_single_process() {
-    same_tokens_as_single_process(3);
+    same_tokens_as_single_process(3, &common::smollm2());
+}
+
+/// DeepSeek-V3 (MLA latent cache, grouped routing, shared expert, a dense first layer) as the
+/// tiny random fixture, Q8_0: its stages exchange hidden states like any other family's.
+#[test]
+fn serve_two_workers_matches_single_process_on_the_deepseek_fixture() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek_v3/model-q8_0.gguf");
+    same_tokens_as_single_process(2, &model);
 }
 
 #[test]
