@@ -13,10 +13,14 @@ use baton_cluster::key::ClusterKey;
 use baton_cluster::planner::{self, NodeCapacity, PlanError, PlanOptions};
 use baton_cluster::units;
 use baton_model::loader::read_manifest;
+use baton_model::manifests;
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// GGUF file (any part of a split set) or HF safetensors directory; default: the embedded model.
+    /// GGUF file (any part of a split set) or HF safetensors directory; default: the embedded
+    /// model. `published:NAME` plans a published model from its config, without its files
+    /// (`published:deepseek-v3-671b-q4_k_m`, `published:deepseek-r1-671b-q4_k_m`,
+    /// `published:kimi-k2-q4_k_m`).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Nodes as NAME:MEMORY[:BANDWIDTH], comma-separated, in pipeline order, e.g.
@@ -88,8 +92,20 @@ fn parse_node(s: &str) -> Result<NodeCapacity, String> {
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let config = ClusterConfig::load_or_default(args.config.as_deref())?;
-    let path = crate::models::resolve(args.model.clone())?;
-    let manifest = read_manifest(&path).with_context(|| format!("reading {}", path.display()))?;
+    let published = args.model.as_deref().and_then(|m| m.to_str()).and_then(|m| m.strip_prefix("published:"));
+    let (manifest, source) = match published {
+        Some(name) => {
+            let manifest = manifests::by_name(name).with_context(|| {
+                format!("no published model `{name}`; known: {}", manifests::NAMES.join(", "))
+            })?;
+            (manifest, name.to_string())
+        }
+        None => {
+            let path = crate::models::resolve(args.model.clone())?;
+            let manifest = read_manifest(&path).with_context(|| format!("reading {}", path.display()))?;
+            (manifest, path.display().to_string())
+        }
+    };
 
     let nodes = if args.nodes.is_empty() {
         discovered_nodes(&config, &args)?
@@ -139,7 +155,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let name = manifest
         .name
         .clone()
-        .unwrap_or_else(|| path.display().to_string());
+        .unwrap_or(source);
     match planner::plan(&manifest, &nodes, &budget, &opts) {
         Ok(plan) if args.json => println!("{}", serde_json::to_string_pretty(&plan)?),
         Ok(plan) => {

@@ -111,3 +111,37 @@ fn the_planner_places_layers_by_memory() {
         "worker-0 got {n} layers ({range}) with its 24 MiB"
     );
 }
+
+/// `baton plan --model published:NAME` plans DeepSeek-V3 671B from its published config: it fits
+/// 8 × 64 GB and 4 × 192 GB with KV for 8k tokens × 4 sequences, not 4 × 64 GB.
+#[test]
+fn published_deepseek_v3_fits_eight_64_gb_nodes_not_four() {
+    // No cluster.toml applies: a fresh HOME and no BATON_CONFIG.
+    let home = tempfile::tempdir().unwrap();
+    let plan = |nodes: &str| {
+        let out = Command::new(BATON)
+            .args(["plan", "--model", "published:deepseek-v3-671b-q4_k_m", "--context", "8192", "--sequences", "4"])
+            .args(["--json", "--nodes", nodes])
+            .env_remove("BATON_CONFIG")
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let nodes = |n: usize, mem: &str| (0..n).map(|i| format!("m{i}:{mem}")).collect::<Vec<_>>().join(",");
+    for (n, mem) in [(8, "64G"), (4, "192G")] {
+        let (ok, out, err) = plan(&nodes(n, mem));
+        assert!(ok, "{n} x {mem}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let stages = v["stages"].as_array().unwrap_or_else(|| panic!("no stages in {out}"));
+        assert_eq!(stages.len(), n, "{n} x {mem}: {out}");
+    }
+    let (ok, out, err) = plan(&nodes(4, "64G"));
+    assert!(!ok && err.contains("does not fit"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let short = &v["shortfall"];
+    assert_eq!(short["nodes"].as_array().map(Vec::len), Some(4), "{out}");
+    let (need, have) = (short["required_bytes"].as_u64().unwrap(), short["usable_bytes"].as_u64().unwrap());
+    assert_eq!(short["shortfall_bytes"].as_u64(), Some(need - have), "{out}");
+    assert!(need - have > 100 << 30, "4 x 64 GB falls far short of 671B at Q4_K_M: {out}");
+}

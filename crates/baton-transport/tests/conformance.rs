@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use baton_transport::{DType, Frame, FrameKind, Link, LinkError, SeqSpan};
 use bytes::Bytes;
-use common::{pair, pair_on, Kind};
+use common::{exclusive, pair, pair_on, Kind};
 use tokio::time::timeout;
 
 const FRAMES: u64 = 10_000;
@@ -177,22 +177,27 @@ macro_rules! suite {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ten_thousand_frames_in_order_byte_identical() {
+                let _turn = exclusive($kind);
                 timeout(Duration::from_secs($big_secs), ordered_byte_identical($kind)).await.expect("deadline");
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_senders_and_full_duplex() {
+                let _turn = exclusive($kind);
                 timeout(Duration::from_secs(60), concurrent_use($kind)).await.expect("deadline");
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn close_by_acceptor_is_seen() {
+                let _turn = exclusive($kind);
                 timeout(Duration::from_secs(20), close_is_seen($kind, true)).await.expect("deadline");
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn close_by_dialer_is_seen() {
+                let _turn = exclusive($kind);
                 timeout(Duration::from_secs(20), close_is_seen($kind, false)).await.expect("deadline");
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn killed_peer_is_an_error_not_a_hang() {
+                let _turn = exclusive($kind);
                 timeout(Duration::from_secs(30), peer_killed($kind)).await.expect("deadline");
             }
         }

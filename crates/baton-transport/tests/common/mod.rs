@@ -20,6 +20,15 @@ pub enum Kind {
     RdmaEmulated { drops: bool },
 }
 
+/// Tests over the emulated RDMA devices take turns: a device has Apple's budget of 10 queue
+/// pairs per process, and a link with both ends in this process takes 6, so two such links at
+/// once fail the gate's budget step (which is right, and not what these tests are about).
+pub fn exclusive(kind: Kind) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static RDMA: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding the turn must not fail the others too.
+    matches!(kind, Kind::RdmaEmulated { .. }).then(|| RDMA.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 pub fn key(b: u8) -> ClusterKey {
     ClusterKey::from_bytes(&[b; 32]).unwrap()
 }
