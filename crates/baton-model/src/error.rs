@@ -15,7 +15,7 @@ pub enum ModelError {
         format: &'static str,
         reason: String,
     },
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, deepseek_v3 / deepseek2, kimi_k2)")]
     UnsupportedArchitecture(String),
     #[error("missing metadata `{key}` in {path}")]
     MissingMetadata { path: PathBuf, key: String },
