@@ -257,7 +257,7 @@ impl BlockMatmul {
 /// `FMA`: the CPU fuses multiply and add in vector registers (see [`BlockMatmul::rows`]).
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert!(a.len() == b.len() && a.len() % 16 == 0);
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(16));
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: `FMA` is true on x86-64 only on the path `rows` takes after detecting AVX2 and
