@@ -173,6 +173,11 @@ impl BlockMatmul {
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let m = xs.len() / k;
+        let mut shape = batch.to_vec();
+        shape.push(self.n);
+        if m == 0 {
+            return Tensor::zeros(shape, x.dtype(), x.device());
+        }
         let mut y = vec![0f32; m * self.n];
         // Output columns (weight rows) in tiles; each task writes its tiles transposed into
         // `cols` ([rows][m]) and the result is transposed once at the end.
@@ -194,8 +199,6 @@ impl BlockMatmul {
                 y[r * self.n + row] = *v;
             }
         }
-        let mut shape = batch.to_vec();
-        shape.push(self.n);
         Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())
     }
 
@@ -382,6 +385,20 @@ mod tests {
     #[test]
     fn q5_1_matches_dequantized() {
         check(GgmlDType::Q5_1);
+    }
+
+    #[test]
+    fn no_rows_give_no_rows() {
+        let q = QTensor::quantize(
+            &Tensor::ones((4, 64), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q4_1,
+        )
+        .unwrap();
+        let mm = Matmul::from_qtensor(Arc::new(q)).unwrap();
+        let y = mm
+            .forward(&Tensor::zeros((0, 64), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(y.dims(), &[0, 4]);
     }
 
     #[test]
