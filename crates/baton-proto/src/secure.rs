@@ -15,11 +15,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use baton_transport::auth::{AuthError, Handshake, Role, HELLO_LEN, PROOF_LEN};
+use baton_transport::tls::{self, CERT_NAME};
 use baton_transport::ClusterKey;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -29,8 +27,6 @@ use crate::pb::worker_client::WorkerClient;
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-baton-control-auth";
 const ALPN: &[u8] = b"h2";
-/// The name every node's throwaway certificate carries; it is not what authenticates.
-const CERT_NAME: &str = "baton";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecureError {
@@ -74,80 +70,16 @@ impl std::fmt::Debug for ControlSecurity {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn tls_err(e: impl std::fmt::Display) -> SecureError {
     SecureError::Tls(e.to_string())
-}
-
-/// Accepts any certificate (but checks the handshake signature made with it): identity comes from
-/// the cluster-key proof bound to this session.
-#[derive(Debug)]
-struct KeyProofAuthenticates(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for KeyProofAuthenticates {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 impl ControlSecurity {
     /// From the cluster key file's bytes.
     pub fn new(key_material: &[u8]) -> Result<Self, SecureError> {
         let key = ClusterKey::from_bytes(key_material).map_err(SecureError::Key)?;
-        let cert = rcgen::generate_simple_self_signed(vec![CERT_NAME.into()]).map_err(tls_err)?;
-        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
-        let mut server = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], private)
-            .map_err(tls_err)?;
-        server.alpn_protocols = vec![ALPN.to_vec()];
-        let p = provider();
-        let mut client = rustls::ClientConfig::builder_with_provider(p.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(KeyProofAuthenticates(p)))
-            .with_no_client_auth();
-        client.alpn_protocols = vec![ALPN.to_vec()];
+        let server = tls::server_config(ALPN).map_err(tls_err)?;
+        let client = tls::client_config(ALPN).map_err(tls_err)?;
         Ok(ControlSecurity {
             key,
             server: TlsAcceptor::from(Arc::new(server)),

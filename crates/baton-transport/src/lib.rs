@@ -13,6 +13,7 @@ pub mod quic;
 pub mod rdma;
 mod record;
 pub mod tcp;
+pub mod tls;
 
 pub use auth::{ClusterKey, Role};
 pub use config::LinkConfig;

@@ -13,10 +13,6 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{congestion, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Mutex;
 
@@ -25,6 +21,7 @@ use crate::config::LinkConfig;
 use crate::link::{Inner, Link, LinkError, StreamLink, TransportKind};
 use crate::record::{protections, RecordReader, RecordWriter};
 use crate::tcp::authenticate;
+use crate::tls;
 
 const ALPN: &[u8] = b"baton/1";
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-baton-link-auth";
@@ -60,77 +57,19 @@ pub fn transport_config(cfg: &LinkConfig) -> TransportConfig {
     t
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Accepts any certificate: identity comes from the cluster-key proof bound to this session.
-#[derive(Debug)]
-struct ClusterKeyAuthenticates(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for ClusterKeyAuthenticates {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn tls_err(e: impl std::fmt::Display) -> LinkError {
     LinkError::Quic(format!("tls setup: {e}"))
 }
 
 fn server_config(cfg: &LinkConfig) -> Result<quinn::ServerConfig, LinkError> {
-    let cert = rcgen::generate_simple_self_signed(vec!["baton".into()]).map_err(tls_err)?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .map_err(tls_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = tls::server_config(ALPN).map_err(tls_err)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).map_err(tls_err)?));
     sc.transport_config(Arc::new(transport_config(cfg)));
     Ok(sc)
 }
 
 fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, LinkError> {
-    let p = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ClusterKeyAuthenticates(p)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = tls::client_config(ALPN).map_err(tls_err)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(tls_err)?));
     cc.transport_config(Arc::new(transport_config(cfg)));
     Ok(cc)
