@@ -21,6 +21,25 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
 }
 
+impl GenerationRequest {
+    /// What every backend checks before admitting a request: prompt ids inside the vocabulary,
+    /// prompt plus budget within the context length, valid sampling parameters.
+    pub fn check(&self, tokenizer: &Tokenizer, context_length: usize) -> Result<(), SubmitError> {
+        let vocab = tokenizer.vocab_size();
+        if let Some(id) = self.prompt_tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(SubmitError::Invalid(format!("token id {id} is outside the vocabulary ({vocab} tokens)")));
+        }
+        if self.prompt_tokens.len() + self.max_tokens > context_length {
+            return Err(SubmitError::ContextLength {
+                prompt_tokens: self.prompt_tokens.len(),
+                max_tokens: self.max_tokens,
+                context_length,
+            });
+        }
+        self.sampling.check().map_err(|e| SubmitError::Invalid(e.to_string()))
+    }
+}
+
 /// What a [`TokenStream`] yields: tokens, then exactly one `Finished` or `Failed`.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {

@@ -163,18 +163,7 @@ impl Backend for LocalBackend {
         if req.max_tokens == 0 {
             return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
         }
-        let vocab = self.tokenizer.vocab_size();
-        if let Some(id) = req.prompt_tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(SubmitError::Invalid(format!("token id {id} is outside the vocabulary ({vocab} tokens)")));
-        }
-        if req.prompt_tokens.len() + req.max_tokens > self.context_length {
-            return Err(SubmitError::ContextLength {
-                prompt_tokens: req.prompt_tokens.len(),
-                max_tokens: req.max_tokens,
-                context_length: self.context_length,
-            });
-        }
-        req.sampling.check().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        req.check(&self.tokenizer, self.context_length)?;
         // Reserve a queue slot before sending, so concurrent submits cannot overshoot the limit.
         let admitted = self.shared.admitted.fetch_add(1, Ordering::SeqCst);
         if admitted >= self.max_queued {

@@ -53,18 +53,7 @@ impl Backend for ClusterBackend {
 
     fn submit(&self, req: GenerationRequest) -> std::result::Result<TokenStream, SubmitError> {
         self.readiness().map_err(SubmitError::NotReady)?;
-        let vocab = self.tokenizer.vocab_size();
-        if let Some(id) = req.prompt_tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(SubmitError::Invalid(format!("token id {id} is outside the vocabulary ({vocab} tokens)")));
-        }
-        if req.prompt_tokens.len() + req.max_tokens > self.context_length {
-            return Err(SubmitError::ContextLength {
-                prompt_tokens: req.prompt_tokens.len(),
-                max_tokens: req.max_tokens,
-                context_length: self.context_length,
-            });
-        }
-        req.sampling.check().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        req.check(&self.tokenizer, self.context_length)?;
         self.head.submit(req)
     }
 
