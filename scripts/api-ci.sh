@@ -32,7 +32,8 @@ fi
 
 echo "== building the server"
 cargo build --locked --bin baton
-server="target/debug/baton"
+# .ci/run points CARGO_TARGET_DIR outside the clone.
+server="${CARGO_TARGET_DIR:-target}/debug/baton"
 state="$(mktemp -d -t baton-api-ci.XXXXXX)"
 
 port="${BATON_API_PORT:-$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"

@@ -8,7 +8,7 @@
 # the short run whose time is subtracted), RUNS (default 3,
 # the best run of each configuration counts), WIRE (default bf16), PROMPT.
 set -euo pipefail
-BATON=${BATON:-target/release/baton}
+BATON=${BATON:-${CARGO_TARGET_DIR:-target}/release/baton}
 TOKENS=${TOKENS:-128}
 SHORT=${SHORT:-16}
 RUNS=${RUNS:-3}
