@@ -349,6 +349,11 @@ async fn echo_probes(link: &Link) -> Result<(), LinkError> {
     }
 }
 
+/// Connections one [`Acceptor`] authenticates at once. Each handshake is bounded by
+/// `LinkConfig::handshake_timeout`; beyond this many, connections wait in the kernel's backlog,
+/// so strangers cannot make an acceptor hold more sockets than this.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+
 /// Accepts and negotiates links; one negotiation at a time.
 pub struct Acceptor {
     tcp: TcpListener,
@@ -378,11 +383,36 @@ impl Acceptor {
         Ok(self.tcp.local_addr()?)
     }
 
+    /// The next connection whose peer proves the cluster key. Handshakes run side by side, so a
+    /// stranger who connects and stalls delays no member; a connection that fails before its peer
+    /// proved the key (wrong key, garbage, hang-up, timeout) is dropped and never reported, so a
+    /// stranger cannot end the wait for the peer the caller expects.
+    async fn authenticated(&self) -> Result<(Link, SocketAddr), LinkError> {
+        let mut pending = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.tcp.accept(), if pending.len() < MAX_PENDING_HANDSHAKES => {
+                    let (stream, _) = accepted?;
+                    let cfg = self.cfg.clone();
+                    pending.spawn(async move {
+                        let local = stream.local_addr()?;
+                        Ok::<_, LinkError>((crate::tcp::upgrade(stream, Role::Server, &cfg).await?, local))
+                    });
+                }
+                Some(done) = pending.join_next() => match done {
+                    Ok(Ok(authenticated)) => return Ok(authenticated),
+                    // The handshake already logged why (see `tcp::authenticate`).
+                    Ok(Err(e)) => tracing::debug!("dropped a data connection before it authenticated: {e}"),
+                    Err(e) => tracing::warn!("data connection handshake task: {e}"),
+                },
+            }
+        }
+    }
+
     pub async fn accept(&self) -> Result<Negotiated, LinkError> {
         let _one_at_a_time = self.serial.lock().await;
-        let (stream, _) = self.tcp.accept().await?;
-        let local = stream.local_addr()?;
-        let setup = Arc::new(crate::tcp::upgrade(stream, Role::Server, &self.cfg).await?);
+        let (setup, local) = self.authenticated().await?;
+        let setup = Arc::new(setup);
         let qport = match &self.quic {
             Some(q) => Some(q.local_addr()?.port()),
             None => None,
