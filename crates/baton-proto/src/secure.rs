@@ -20,7 +20,7 @@ use baton_transport::ClusterKey;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::pb::worker_client::WorkerClient;
@@ -62,7 +62,13 @@ pub struct ControlSecurity {
     client: TlsConnector,
     /// TLS plus the key handshake must finish within this.
     pub handshake_timeout: Duration,
+    /// Handshakes [`Self::incoming`] runs at once; further connections wait in the kernel's
+    /// backlog, so strangers cannot make a node hold more sockets than this.
+    pub max_pending_handshakes: usize,
 }
+
+/// The default of [`ControlSecurity::max_pending_handshakes`].
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
 impl std::fmt::Debug for ControlSecurity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,6 +91,7 @@ impl ControlSecurity {
             server: TlsAcceptor::from(Arc::new(server)),
             client: TlsConnector::from(Arc::new(client)),
             handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: MAX_PENDING_HANDSHAKES,
         })
     }
 
@@ -134,16 +141,22 @@ impl ControlSecurity {
 
     /// The authenticated connections arriving on `listener`, for `tonic`'s
     /// `serve_with_incoming`. Each handshake runs in its own task, so a peer that stalls delays no
-    /// other; a connection that fails it is logged and dropped, never handed on. Accepting stops
-    /// when the stream is dropped.
+    /// other, and at most [`Self::max_pending_handshakes`] run at once; a connection that fails
+    /// its handshake is logged and dropped, never handed on. Accepting stops when the stream is
+    /// dropped.
     pub fn incoming(
         &self,
         listener: TcpListener,
     ) -> tokio_stream::wrappers::ReceiverStream<io::Result<ControlStream>> {
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
+        let slots = Arc::new(Semaphore::new(self.max_pending_handshakes.max(1)));
         tokio::spawn(async move {
             loop {
+                let slot = tokio::select! {
+                    _ = tx.closed() => return,
+                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                };
                 let (tcp, peer) = tokio::select! {
                     _ = tx.closed() => return,
                     r = listener.accept() => match r {
@@ -158,7 +171,9 @@ impl ControlSecurity {
                 };
                 let (this, tx) = (this.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match this.accept(tcp).await {
+                    let authenticated = this.accept(tcp).await;
+                    drop(slot);
+                    match authenticated {
                         Ok(s) => {
                             let _ = tx.send(Ok(s)).await;
                         }
@@ -343,4 +358,72 @@ fn first_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         cur = err.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio_stream::StreamExt;
+
+    /// Reads until the peer hangs up; the time it did, or `None` past `limit`.
+    async fn hang_up_time(mut s: TcpStream, started: Instant, limit: Duration) -> Option<Duration> {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout(limit, s.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_strangers_hold_at_most_the_pending_handshakes() {
+        let mut sec = ControlSecurity::new(&[5; 32]).unwrap();
+        sec.handshake_timeout = Duration::from_millis(500);
+        sec.max_pending_handshakes = 2;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = sec.incoming(listener);
+
+        let started = Instant::now();
+        let mut flood = Vec::new();
+        for _ in 0..6 {
+            let s = TcpStream::connect(addr).await.unwrap();
+            flood.push(tokio::spawn(hang_up_time(
+                s,
+                started,
+                Duration::from_secs(20),
+            )));
+        }
+        let mut closed = Vec::new();
+        for f in flood {
+            closed.push(
+                f.await
+                    .unwrap()
+                    .expect("a stalled stranger was never dropped"),
+            );
+        }
+        // Two at a time, each dropped after its timeout: without the bound all six would go at
+        // about 0.5 s.
+        let early = closed
+            .iter()
+            .filter(|t| **t < Duration::from_millis(900))
+            .count();
+        assert!(
+            early <= 2,
+            "{early} handshakes ran at once, the bound is 2: {closed:?}"
+        );
+
+        // A member still gets through once the strangers are gone.
+        let member = tokio::time::timeout(Duration::from_secs(10), sec.connect(addr));
+        let (dialed, served) = tokio::join!(member, incoming.next());
+        dialed
+            .expect("the member's connect timed out")
+            .expect("the member's connect");
+        served
+            .expect("the incoming stream ended")
+            .expect("the member's connection");
+    }
 }
