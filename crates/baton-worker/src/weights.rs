@@ -425,8 +425,27 @@ pub struct Incoming {
     starts: Vec<u64>,
 }
 
+/// Longest shard key accepted: the head makes 32 hex digits.
+const MAX_SHARD_KEY_LEN: usize = 64;
+
+/// A shard key names a directory of the cache, so it must be a plain hex digest: anything else
+/// (`..`, `/`, an absolute path) would reach outside the cache.
+fn check_shard_key(key: &str) -> Result<()> {
+    if key.is_empty()
+        || key.len() > MAX_SHARD_KEY_LEN
+        || !key.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return Err(WeightsError::Set(format!(
+            "shard key {:?} is not a hex digest of at most {MAX_SHARD_KEY_LEN} digits",
+            key.chars().take(MAX_SHARD_KEY_LEN + 1).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// The cached file of `set`, when a complete one is there.
 pub fn cached(cache: &Path, set: &pb::WeightSet) -> Option<PathBuf> {
+    check_shard_key(&set.shard_key).ok()?;
     let p = cache.join(&set.shard_key).join(SHARD_FILE);
     p.exists().then_some(p)
 }
@@ -435,12 +454,7 @@ impl Incoming {
     /// Starts receiving `set` into the cache (from nothing: bytes of an earlier process are not
     /// trusted without their digests, which only a complete file has had checked).
     pub fn start(cache: &Path, set: pb::WeightSet) -> Result<Incoming> {
-        if set.shard_key.is_empty() || !set.shard_key.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(WeightsError::Set(format!(
-                "shard key {:?} is not a hex digest",
-                set.shard_key
-            )));
-        }
+        check_shard_key(&set.shard_key)?;
         let dir = cache.join(&set.shard_key);
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -467,6 +481,22 @@ impl Incoming {
                     WeightsError::Set(format!("tensor `{}` is too large", t.name))
                 })?);
             starts.push(at);
+        }
+        // Each tensor's digest is checked as its bytes arrive, so tensors that shared bytes of the
+        // file would let a later one overwrite an earlier, already verified one.
+        let mut ranges: Vec<(u64, u64, &str)> = set
+            .tensors
+            .iter()
+            .zip(&starts)
+            .filter(|(t, _)| t.size > 0)
+            .map(|(t, &at)| (at, at + t.size, t.name.as_str()))
+            .collect();
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(WeightsError::Set(format!(
+                "tensors `{}` and `{}` overlap in the file",
+                w[0].2, w[1].2
+            )));
         }
         let mut file = OpenOptions::new()
             .create(true)
@@ -527,5 +557,106 @@ impl Incoming {
             source,
         })?;
         Ok(self.done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_proto::weights_stream::{make_chunk, tensor_info};
+
+    /// A fresh directory under the system's temporary one, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!(
+                "baton-weights-{name}-{}-{nanos}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A set whose tensors `(name, bytes, file offset)` follow an 8-byte container.
+    fn set(key: &str, tensors: &[(&str, &[u8], u64)]) -> pb::WeightSet {
+        pb::WeightSet {
+            shard_key: key.into(),
+            tensors: tensors
+                .iter()
+                .map(|(n, b, at)| tensor_info(n, b, at.to_le_bytes().to_vec()))
+                .collect(),
+            container: vec![0; 8],
+        }
+    }
+
+    #[test]
+    fn shard_keys_that_are_not_plain_digests_never_name_a_path() {
+        let scratch = Scratch::new("keys");
+        let cache = scratch.0.join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        // A complete "shard" outside the cache, where `..` would lead.
+        std::fs::create_dir_all(scratch.0.join("outside")).unwrap();
+        std::fs::write(scratch.0.join("outside").join(SHARD_FILE), b"GGUF").unwrap();
+        for key in [
+            "../outside",
+            "/etc",
+            "",
+            "ab/cd",
+            &"a".repeat(MAX_SHARD_KEY_LEN + 1),
+        ] {
+            let s = set(key, &[("t", b"abcd", 8)]);
+            assert_eq!(cached(&cache, &s), None, "{key:?}");
+            assert!(
+                matches!(Incoming::start(&cache, s), Err(WeightsError::Set(_))),
+                "{key:?}"
+            );
+        }
+        assert!(
+            std::fs::read_dir(&cache).unwrap().next().is_none(),
+            "a directory was made"
+        );
+        assert!(Incoming::start(&cache, set("0123abcd", &[("t", b"abcd", 8)])).is_ok());
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused_before_any_byte_is_written() {
+        let scratch = Scratch::new("overlap");
+        // `b` would start inside `a`: its bytes would overwrite `a`'s after `a` was verified.
+        let bad = set("00ff", &[("a", b"aaaaaaaa", 8), ("b", b"bbbb", 12)]);
+        match Incoming::start(&scratch.0, bad) {
+            Err(WeightsError::Set(m)) => assert!(m.contains("`a` and `b` overlap"), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("overlapping tensors were accepted"),
+        }
+        // Adjacent tensors, and an empty one anywhere, are fine; the pushed bytes land in place.
+        let good = set(
+            "00fe",
+            &[("a", b"aaaaaaaa", 8), ("b", b"bbbb", 16), ("e", b"", 10)],
+        );
+        let mut incoming = Incoming::start(&scratch.0, good).unwrap();
+        for (i, (bytes, at)) in [(&b"aaaaaaaa"[..], 0u64), (&b"bbbb"[..], 0)]
+            .into_iter()
+            .enumerate()
+        {
+            let span = weights_stream::ChunkSpan {
+                tensor: i as u32,
+                offset: at,
+                len: bytes.len() as u32,
+            };
+            incoming.write(&make_chunk(span, bytes.to_vec())).unwrap();
+        }
+        let path = incoming.finish().unwrap();
+        assert_eq!(std::fs::read(path).unwrap()[8..], b"aaaaaaaabbbb"[..]);
     }
 }
