@@ -18,6 +18,8 @@ pub struct ApiConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body in bytes; a larger one gets 413.
     pub body_limit: usize,
+    /// Client connections open at once; more wait in the kernel's backlog until one closes.
+    pub max_connections: usize,
     /// `Retry-After` sent with 429 (queue full) and 503 (not ready).
     pub retry_after: Duration,
     /// Generated tokens when a request names no `max_tokens`; `None` is the rest of the context.
@@ -33,6 +35,7 @@ impl Default for ApiConfig {
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
             body_limit: 4 << 20,
+            max_connections: 256,
             retry_after: Duration::from_secs(1),
             default_max_tokens: None,
             max_tokens_limit: None,

@@ -11,7 +11,7 @@
 //! - [`openapi`]: the OpenAPI 3 description of exactly what [`routes`] serves.
 //! - [`errors`]: OpenAI error objects and their status codes.
 //! - [`auth`]: API keys (`Authorization: Bearer`).
-//! - [`config`]: listen address, keys, CORS, limits.
+//! - [`config`]: listen address, keys, CORS, limits (request body, connections).
 //!
 //! [`serve`] binds and runs the whole API; [`routes::router`] gives the router alone.
 
@@ -22,6 +22,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod errors;
+mod listen;
 pub mod local;
 pub mod metrics;
 pub mod openai;
@@ -71,6 +72,6 @@ pub async fn serve_on(
     cfg.warn_if_exposed(addr);
     let app = routes::router(backend, &cfg)?;
     tracing::info!(%addr, "OpenAI-compatible API listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listen::Capped::new(listener, cfg.max_connections), app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

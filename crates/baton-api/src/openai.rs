@@ -15,6 +15,9 @@ use crate::errors::ApiError;
 
 /// Most stop sequences a request may give.
 pub const MAX_STOP: usize = 16;
+/// Longest stop sequence, in bytes: every generated token is searched for every stop sequence,
+/// so their length is work per token that a client would otherwise choose freely.
+pub const MAX_STOP_BYTES: usize = 1024;
 
 /// One chat message, content flattened to text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,18 +199,19 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Request, ApiError> {
     sampling.top_logprobs = logprobs.unwrap_or(0);
     sampling.check().map_err(|e| ApiError::invalid(e.field, format!("Invalid value for `{}`: {}.", e.field, e.message)))?;
 
+    let stop_string = |field: &str, v: &Value| match v.as_str() {
+        Some(s) if s.len() > MAX_STOP_BYTES => Err(invalid(field, format_args!("a stop sequence is at most {MAX_STOP_BYTES} bytes"))),
+        Some(s) => Ok(s.to_owned()),
+        None => Err(invalid(field, "expected a string")),
+    };
     let stop = match f.get("stop") {
         None => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
+        Some(s @ Value::String(_)) => vec![stop_string("stop", s)?],
         Some(Value::Array(items)) => {
             if items.len() > MAX_STOP {
                 return Err(invalid("stop", format_args!("at most {MAX_STOP} stop sequences")));
             }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, s)| s.as_str().map(str::to_owned).ok_or_else(|| invalid(&format!("stop[{i}]"), "expected a string")))
-                .collect::<Result<_, _>>()?
+            items.iter().enumerate().map(|(i, s)| stop_string(&format!("stop[{i}]"), s)).collect::<Result<_, _>>()?
         }
         Some(_) => return Err(invalid("stop", "expected a string or an array of strings")),
     };
@@ -492,6 +496,20 @@ mod tests {
         assert_eq!(param.as_deref(), Some("messages[0].content[0].type"));
         assert_eq!(err(Endpoint::Chat, "{").0, None);
         assert_eq!(err(Endpoint::Completions, r#"{"model":"m","prompt":["a","b"]}"#).0.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn stop_sequences_are_bounded_in_count_and_length() {
+        let chat = |stop: serde_json::Value| {
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": stop}).to_string()
+        };
+        let long = "x".repeat(MAX_STOP_BYTES + 1);
+        assert_eq!(err(Endpoint::Chat, &chat(long.clone().into())).0.as_deref(), Some("stop"));
+        assert_eq!(err(Endpoint::Chat, &chat(serde_json::json!(["a", long]))).0.as_deref(), Some("stop[1]"));
+        assert_eq!(err(Endpoint::Chat, &chat(serde_json::json!(vec!["a"; MAX_STOP + 1]))).0.as_deref(), Some("stop"));
+        let at_limit = "x".repeat(MAX_STOP_BYTES);
+        let r = parse(Endpoint::Chat, chat(serde_json::json!(vec![at_limit.as_str(); MAX_STOP])).as_bytes()).unwrap();
+        assert_eq!(r.stop.len(), MAX_STOP);
     }
 
     #[test]

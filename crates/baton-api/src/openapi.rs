@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::openai::MAX_STOP;
+use crate::openai::{MAX_STOP, MAX_STOP_BYTES};
 use baton_model::sampling::MAX_TOP_LOGPROBS;
 
 fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
@@ -82,8 +82,8 @@ fn sampling_properties(model_id: &str, max_tokens: usize) -> serde_json::Map<Str
         "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 10, "description": "extension"},
         "seed": {"type": "integer", "format": "int64"},
         "stop": {"anyOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}
+            {"type": "string", "maxLength": MAX_STOP_BYTES},
+            {"type": "array", "items": {"type": "string", "maxLength": MAX_STOP_BYTES}, "maxItems": MAX_STOP}
         ]},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
