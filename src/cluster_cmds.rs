@@ -93,6 +93,8 @@ pub struct RunFlags {
     #[command(flatten)]
     pub scheduler: SchedulerFlags,
     #[command(flatten)]
+    pub resilience: ResilienceFlags,
+    #[command(flatten)]
     pub api: ApiFlags,
     /// Read requests from stdin, one JSON object a line (`{"prompt": "...", "max_tokens": 32,
     /// "stream": true}`; or `"chat"`, `"system"`, `"temperature"`, `"seed"`), run them
@@ -100,6 +102,22 @@ pub struct RunFlags {
     /// `{"id", "error"}`; with `stream`, `{"id", "token"}` lines first). Ids count lines from 0.
     #[arg(long)]
     pub stdin: bool,
+}
+
+/// How the head survives node loss and takes operator requests.
+#[derive(clap::Args, Clone)]
+pub struct ResilienceFlags {
+    /// Where the head's operator service listens (`baton drain`, `join`, `rebalance`; TLS with
+    /// the cluster key). Port 0 picks a free one; `baton status` shows it.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub control_listen: SocketAddr,
+    /// Seconds a worker's health stream may stay silent before the worker is declared gone and the
+    /// chain rebuilt without it (a killed process is noticed at once).
+    #[arg(long, default_value_t = 3.0)]
+    pub failure_timeout: f64,
+    /// Re-plan on its own, once no request runs, when a worker joined (`baton join`).
+    #[arg(long)]
+    pub rebalance_when_idle: bool,
 }
 
 /// How the head's scheduler batches requests.
@@ -335,6 +353,10 @@ fn head_config(model: PathBuf, workers: Vec<String>, wire: WireDType, local_stag
     let state_dir = node.state_dir()?;
     let identity = identity::load_or_create(&state_dir, node.name.clone())?;
     let (key, _) = node.key()?;
+    let failure_timeout = Duration::try_from_secs_f64(run.resilience.failure_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--failure-timeout {}: give a positive number of seconds", run.resilience.failure_timeout))?;
     Ok(HeadConfig {
         model,
         workers,
@@ -349,6 +371,8 @@ fn head_config(model: PathBuf, workers: Vec<String>, wire: WireDType, local_stag
         status_path: Some(state_dir.join(STATUS_FILE)),
         scheduler: run.scheduler.config(),
         cluster: ClusterConfig::load_or_default(run.api.config.as_deref())?,
+        failure_timeout,
+        rebalance_when_idle: run.resilience.rebalance_when_idle,
     })
 }
 
@@ -458,8 +482,20 @@ struct JsonRequest {
     seed: Option<u64>,
 }
 
-/// Serves what `run` asks for once the cluster is up.
+/// Serves what `run` asks for once the cluster is up, with the operator service beside it.
 async fn drive(head: &Head, model: &Path, run: &RunFlags) -> Result<()> {
+    let addr = run.resilience.control_listen;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the operator service to {addr}"))?;
+    let control = listener.local_addr()?;
+    head.set_control_addr(control);
+    // One line on stderr says where (scripts and tests read it; port 0 picks one).
+    eprintln!("BATON_HEAD_CONTROL {control}");
+    let operator = head.clone();
+    tokio::spawn(async move {
+        if let Err(e) = baton_head::control::serve(operator, listener, std::future::pending()).await {
+            tracing::error!("operator service stopped: {e}");
+        }
+    });
     let tokenizer = Arc::new(ModelSource::open(model)?.tokenizer()?);
     if run.prompt.is_some() || run.chat.is_some() {
         return one_shot(head, &tokenizer, run).await;
@@ -619,10 +655,17 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     }
     let running = if pid_alive(s.pid) { "running" } else { "not running" };
     println!("head {} (pid {}, {running}): {}", s.head, s.pid, s.state);
+    if !s.control.is_empty() {
+        println!("operator service {} (baton drain / join / rebalance), chain rebuilt {} time(s)", s.control, s.replans);
+    }
     println!("model {}, wire {}, {}", s.model, s.wire_dtype, s.placement);
     println!("\nNODE            ENDPOINT               STATE    BACKEND  AVAILABLE / TOTAL        KV");
     for n in &s.nodes {
-        let state = if n.alive { "up" } else { "gone" };
+        let state = match n.state.as_str() {
+            "" if n.alive => "up",
+            "" => "gone",
+            s => s,
+        };
         let endpoint = if n.endpoint.is_empty() { "(head)" } else { &n.endpoint };
         println!("{:<15} {:<22} {:<8} {:<8} {:>10} / {:<12} {}", n.name, endpoint, state, n.backend, mib(n.available_memory), mib(n.total_memory), mib(n.kv_bytes));
         if !n.detail.is_empty() {

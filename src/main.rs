@@ -9,6 +9,7 @@ mod doctor;
 mod generate;
 mod inspect;
 mod models;
+mod operate;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,12 @@ enum Command {
     Serve(cluster_cmds::ServeArgs),
     /// Nodes, stages, layer ranges, memory and links of the running head.
     Status(cluster_cmds::StatusArgs),
+    /// Take a worker out of the running chain (streams pause and resume); then it may be stopped.
+    Drain(operate::DrainArgs),
+    /// Make a new worker known to the running head; it is used at the next re-plan.
+    Join(operate::JoinArgs),
+    /// Re-plan the running chain over every known worker now (streams pause and resume).
+    Rebalance(operate::RebalanceArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,5 +84,8 @@ fn main() -> anyhow::Result<()> {
         Command::Head(args) => cluster_cmds::run_head(args),
         Command::Serve(args) => cluster_cmds::run_serve(args),
         Command::Status(args) => cluster_cmds::run_status(args),
+        Command::Drain(args) => runtime()?.block_on(operate::drain(args)),
+        Command::Join(args) => runtime()?.block_on(operate::join(args)),
+        Command::Rebalance(args) => runtime()?.block_on(operate::rebalance(args)),
     }
 }

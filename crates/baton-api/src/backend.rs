@@ -97,6 +97,24 @@ pub struct BackendStats {
     pub kv_bytes: u64,
     pub stages: Vec<StageStats>,
     pub links: Vec<LinkStats>,
+    /// The cluster's nodes, up or not and why (empty for a single process).
+    pub nodes: Vec<NodeStats>,
+    /// Chains built after the first (node losses, drains, rebalances).
+    pub replans: u64,
+    /// Streams that paused and continued on a rebuilt chain.
+    pub resumed_sequences: u64,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeStats {
+    pub node: String,
+    pub up: bool,
+    /// One of [`crate::metrics::NODE_STATES`]: `serving`, `spare` (known, not in the chain),
+    /// `gone` (lost) or `drained`. The full reason is in the head's status and log.
+    pub state: String,
+    /// Times the head lost this node.
+    pub losses: u64,
 }
 
 /// Forward-pass time of one stage, cumulative, and the KV cache it holds now.

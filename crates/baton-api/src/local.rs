@@ -191,7 +191,7 @@ impl Backend for LocalBackend {
                 forward_seconds: s.forward_nanos.load(Ordering::SeqCst) as f64 * 1e-9,
                 kv_bytes: s.kv_bytes.load(Ordering::SeqCst),
             }],
-            links: Vec::new(),
+            ..BackendStats::default()
         }
     }
 }

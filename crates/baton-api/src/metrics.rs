@@ -13,6 +13,9 @@ use crate::backend::BackendStats;
 const LATENCY_BUCKETS: [f64; 16] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// What [`crate::backend::NodeStats::state`] can say.
+pub const NODE_STATES: [&str; 4] = ["serving", "spare", "gone", "drained"];
+
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
@@ -64,6 +67,17 @@ impl Metrics {
                 gauge!("baton_stage_forward_seconds_total", "stage" => s.stage.clone()).set(s.forward_seconds);
                 gauge!("baton_stage_kv_cache_bytes", "stage" => s.stage.clone()).set(s.kv_bytes as f64);
             }
+            for n in &stats.nodes {
+                gauge!("baton_node_up", "node" => n.node.clone()).set(if n.up { 1.0 } else { 0.0 });
+                // A state set (one series per state, 1 for the current one), so that a state
+                // left behind does not linger at 1.
+                for state in NODE_STATES {
+                    gauge!("baton_node_state", "node" => n.node.clone(), "state" => state).set(if n.state == state { 1.0 } else { 0.0 });
+                }
+                gauge!("baton_node_losses_total", "node" => n.node.clone()).set(n.losses as f64);
+            }
+            gauge!("baton_cluster_replans_total").set(stats.replans as f64);
+            gauge!("baton_resumed_sequences_total").set(stats.resumed_sequences as f64);
             for l in &stats.links {
                 let labels = [("from", l.from.clone()), ("to", l.to.clone()), ("transport", l.transport.clone())];
                 gauge!("baton_link_rtt_seconds", &labels).set(l.rtt_seconds);

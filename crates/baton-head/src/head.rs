@@ -4,16 +4,25 @@
 //! Requests go through the [`crate::scheduler`], which packs the running sequences into
 //! micro-batches and keeps several in flight, so the stages work on different micro-batches at
 //! once; one receiver task hands what the last stage sends back to the scheduler.
+//!
+//! The chain is rebuilt when a node is lost (its health stream breaks or falls silent, or a data
+//! link breaks), drained or joined: the scheduler pauses, the head finds out which workers still
+//! answer, plans over them, loads only the shards that changed, links the new chain and resumes
+//! every stream on it. When the model no longer fits, every request ends with the reason and new
+//! ones are refused until a re-plan succeeds.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use baton_api::backend::{BackendStats, GenerationRequest, LinkStats, StageStats, StreamEvent, SubmitError, TokenStream};
+use baton_api::backend::{BackendStats, GenerationRequest, LinkStats, NodeStats, StageStats, StreamEvent, SubmitError, TokenStream};
 
 use baton_model::loader::ModelSource;
+use baton_model::manifest::Manifest;
 use baton_model::pipeline::WireDType;
 use baton_model::sampling::SamplingParams;
 use baton_model::shard::Shard;
@@ -24,22 +33,18 @@ use baton_worker::service::{wire_to_proto, worker_protocol};
 use baton_worker::wire::{decode_sampled, parse_failure};
 use baton_worker::Stage;
 use candle_core::Device;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::scheduler::{self, Chain, Msg, SchedulerConfig};
 use crate::placement::{place, NodeReport, Placement};
+use crate::scheduler::{self, Chain, Msg, SchedulerConfig};
 use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
 
-/// How long a worker may stay silent on its health stream before it is declared dead (a host
-/// that vanished); a killed process breaks the stream at once. Generous, because a CPU-starved
-/// but healthy worker must not be declared dead.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-const HEARTBEAT_INTERVAL_MS: u32 = 250;
-/// A lost link is reported after this pause, so that a health watcher that saw the node die
-/// names it first (the link error alone only says which hop broke).
-const LINK_LOSS_GRACE: Duration = Duration::from_millis(500);
+/// Attempts at rebuilding the chain after a loss before the head gives up (each one first finds
+/// out again which workers answer, so a second loss during a rebuild is survived too).
+const REPLAN_ATTEMPTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
@@ -83,7 +88,39 @@ pub struct HeadConfig {
     /// cluster.toml: memory overrides, headroom, KV budget and manual ranges for placement;
     /// per-node model paths.
     pub cluster: baton_cluster::config::ClusterConfig,
+    /// A worker whose health stream stays silent this long is declared gone (a killed process
+    /// breaks the stream at once; this catches a host that vanished).
+    pub failure_timeout: Duration,
+    /// Re-plan on its own, once no request runs, when a worker joined since the last plan.
+    pub rebalance_when_idle: bool,
 }
+
+impl HeadConfig {
+    /// The head of `workers` for `model` with the defaults of `baton head`: stage 0 on the head's
+    /// CPU, bf16 wire, any transport, failure timeout 3 s, no status file.
+    pub fn new(model: PathBuf, workers: Vec<String>, key: baton_cluster::key::ClusterKey) -> Self {
+        Self {
+            model,
+            workers,
+            key,
+            name: "head".into(),
+            id: String::new(),
+            wire: WireDType::Bf16,
+            preference: Preference::Auto,
+            local_stage: true,
+            device: Device::Cpu,
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            status_path: None,
+            scheduler: SchedulerConfig::default(),
+            cluster: baton_cluster::config::ClusterConfig::default(),
+            failure_timeout: DEFAULT_FAILURE_TIMEOUT,
+            rebalance_when_idle: false,
+        }
+    }
+}
+
+/// See [`HeadConfig::failure_timeout`].
+pub const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One request: prompt tokens, sampling, budget and the ids that end it.
 #[derive(Debug, Clone)]
@@ -107,6 +144,7 @@ pub enum Event {
     Done { finish: Finish, prompt_tokens: usize, generated: usize, prefill_s: f64, decode_tok_s: f64 },
 }
 
+#[derive(Clone)]
 struct WorkerHandle {
     name: String,
     endpoint: String,
@@ -114,17 +152,71 @@ struct WorkerHandle {
     info: pb::NodeInfo,
 }
 
+/// The head's own stage 0 and the layers it holds.
+struct LocalShard {
+    range: Range<usize>,
+    stage: Arc<Mutex<Stage>>,
+}
+
+/// Who the cluster is made of; behind an async lock that also serializes re-plans.
+struct Membership {
+    /// Workers the head may use, in chain order (the configured ones, then those that joined).
+    pool: Vec<WorkerHandle>,
+    /// Endpoints of the workers the current chain runs on.
+    chain: Vec<String>,
+    local: Option<LocalShard>,
+    /// The current chain's number (0 before the first).
+    epoch: u64,
+    /// The current chain's receiver and health watchers, stopped when it is replaced.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What the model looks like to the planner and to weight pushes.
+struct ModelInfo {
+    manifest: Manifest,
+    n_layers: usize,
+    parts: Vec<PathBuf>,
+}
+
 struct Inner {
-    local: bool,
-    workers: Vec<WorkerHandle>,
+    cfg: HeadConfig,
+    model: ModelInfo,
+    security: baton_proto::ControlSecurity,
+    link_cfg: LinkConfig,
     scheduler: scheduler::Handle,
     status: Mutex<ClusterStatus>,
-    status_path: Option<PathBuf>,
+    members: tokio::sync::Mutex<Membership>,
+    /// The epoch of the chain in use, readable without the membership lock.
+    epoch: AtomicU64,
+    replans: AtomicU64,
+    /// Times each node (by name) was lost.
+    losses: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone)]
 pub struct Head {
     inner: Arc<Inner>,
+}
+
+/// What a re-plan did, for the operator.
+#[derive(Debug, Clone, Default)]
+pub struct Replanned {
+    /// `"<index> <node> <start>..<end>"` per stage.
+    pub stages: Vec<String>,
+    /// Streams that paused and continue on the new chain.
+    pub resumed: usize,
+    /// From the pause to the resumed chain.
+    pub pause: Duration,
+}
+
+/// A new chain, linked and loaded, not yet in use.
+struct Built {
+    chain: Chain,
+    upstream: Link,
+    local: Option<LocalShard>,
+    placement: String,
+    stages: Vec<StageStatus>,
+    links: Vec<LinkStatus>,
 }
 
 fn unix_ms() -> u64 {
@@ -160,6 +252,31 @@ fn link_status(from: &str, to: &str, r: &NegotiationReport) -> LinkStatus {
     }
 }
 
+fn hello_request(cfg: &HeadConfig) -> pb::HelloRequest {
+    pb::HelloRequest {
+        head_id: cfg.id.clone(),
+        head_name: cfg.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: Some(worker_protocol()),
+        cluster_id: cfg.key.cluster_id(),
+    }
+}
+
+/// A worker's line in the status, in `state`.
+fn node_status(w: &WorkerHandle, state: &str) -> NodeStatus {
+    NodeStatus {
+        name: w.name.clone(),
+        id: w.info.id.clone(),
+        endpoint: w.endpoint.clone(),
+        alive: true,
+        state: state.into(),
+        backend: w.info.backend().short_name().into(),
+        total_memory: w.info.total_memory,
+        available_memory: w.info.available_memory,
+        ..Default::default()
+    }
+}
+
 async fn hello(endpoint: &str, cfg: &HeadConfig, security: &baton_proto::ControlSecurity) -> Result<WorkerHandle> {
     let werr = |message: String| HeadError::Worker { worker: endpoint.to_string(), message };
     let addr = tokio::net::lookup_host(endpoint)
@@ -172,13 +289,7 @@ async fn hello(endpoint: &str, cfg: &HeadConfig, security: &baton_proto::Control
         e => werr(format!("cannot connect: {e}")),
     })?;
     let reply = client
-        .hello(pb::HelloRequest {
-            head_id: cfg.id.clone(),
-            head_name: cfg.name.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            protocol: Some(worker_protocol()),
-            cluster_id: cfg.key.cluster_id(),
-        })
+        .hello(hello_request(cfg))
         .await
         .map_err(|s| werr(format!("refused: {}", s.message())))?
         .into_inner();
@@ -255,70 +366,97 @@ impl Head {
             return Err(HeadError::Config("no workers: give at least one worker address".into()));
         }
         let source = ModelSource::open(&cfg.model)?;
-        let manifest = source.manifest();
-        let n_layers = source.config().n_layers;
-
+        let model = ModelInfo { manifest: source.manifest(), n_layers: source.config().n_layers, parts: source.files() };
         let security = baton_proto::ControlSecurity::new(cfg.key.as_bytes()).map_err(|e| HeadError::Config(e.to_string()))?;
-        let mut workers = Vec::new();
+        let link_cfg = LinkConfig::new(baton_transport::ClusterKey::from_bytes(cfg.key.as_bytes()).map_err(|e| HeadError::Config(format!("cluster key: {e}")))?);
+        let mut pool = Vec::new();
         for endpoint in &cfg.workers {
             let w = hello(endpoint, &cfg, &security).await?;
             tracing::info!("worker {} ({}) at {endpoint}: backend {}, {} MiB available", w.name, w.info.id, w.info.backend().short_name(), w.info.available_memory >> 20);
-            workers.push(w);
+            pool.push(w);
         }
-
-        // Placement over the chain: the head first when it hosts stage 0, then the workers.
-        let mut reports = Vec::new();
-        if cfg.local_stage {
-            let (total, available) = baton_worker::sysinfo::memory();
-            let backend = if cfg.device.is_cuda() { "cuda" } else if cfg.device.is_metal() { "metal" } else { "cpu" };
-            reports.push(NodeReport { name: cfg.name.clone(), total_memory: total, available_memory: available, backend: backend.into(), bandwidth: 0 });
-        }
-        for w in &workers {
-            reports.push(NodeReport { name: w.name.clone(), total_memory: w.info.total_memory, available_memory: w.info.available_memory, backend: w.info.backend().short_name().into(), bandwidth: w.info.memory_bandwidth });
-        }
-        let batch_tokens = (cfg.scheduler.prefill_chunk + cfg.scheduler.max_batch) as u64;
-        let Placement { ranges, how: placement } = place(&manifest, &reports, &cfg.cluster, batch_tokens, cfg.local_stage)?;
-        let n_stages = ranges.len();
-        tracing::info!("placement: {placement}");
-        let (local_range, worker_ranges) = if cfg.local_stage { (Some(ranges[0].clone()), &ranges[1..]) } else { (None, &ranges[..]) };
-
         let mut status = ClusterStatus {
             head: cfg.name.clone(),
             pid: std::process::id(),
             model: cfg.model.display().to_string(),
             wire_dtype: format!("{:?}", cfg.wire).to_lowercase(),
             state: "starting".into(),
-            placement,
             ..Default::default()
         };
-        if let Some(r) = &local_range {
+        if cfg.local_stage {
             let (total, available) = baton_worker::sysinfo::memory();
-            status.nodes.push(NodeStatus { name: cfg.name.clone(), id: cfg.id.clone(), alive: true, backend: "head".into(), total_memory: total, available_memory: available, ..Default::default() });
-            status.stages.push(StageStatus { index: 0, node: cfg.name.clone(), layers: format!("{}..{}", r.start, r.end), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+            status.nodes.push(NodeStatus { name: cfg.name.clone(), id: cfg.id.clone(), alive: true, state: "serving".into(), backend: "head".into(), total_memory: total, available_memory: available, ..Default::default() });
         }
-        for (i, (w, r)) in workers.iter().zip(worker_ranges).enumerate() {
-            status.nodes.push(NodeStatus {
-                name: w.name.clone(),
-                id: w.info.id.clone(),
-                endpoint: w.endpoint.clone(),
-                alive: true,
-                backend: w.info.backend().short_name().into(),
-                total_memory: w.info.total_memory,
-                available_memory: w.info.available_memory,
-                ..Default::default()
-            });
-            status.stages.push(StageStatus { index: i + usize::from(cfg.local_stage), node: w.name.clone(), layers: format!("{}..{}", r.start, r.end), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+        for w in &pool {
+            status.nodes.push(node_status(w, "spare"));
         }
-        if let Some(p) = &cfg.status_path {
-            let _ = status.write(p);
+        let (handle, messages) = scheduler::Handle::new(&cfg.scheduler);
+        let scheduler_cfg = cfg.scheduler.clone();
+        let head = Head {
+            inner: Arc::new(Inner {
+                cfg,
+                model,
+                security,
+                link_cfg,
+                scheduler: handle.clone(),
+                status: Mutex::new(status),
+                members: tokio::sync::Mutex::new(Membership { pool, chain: Vec::new(), local: None, epoch: 0, tasks: Vec::new() }),
+                epoch: AtomicU64::new(0),
+                replans: AtomicU64::new(0),
+                losses: Mutex::default(),
+            }),
+        };
+        head.write_status();
+        {
+            let mut m = head.inner.members.lock().await;
+            let workers = m.pool.clone();
+            let built = head.build(&mut m, &workers).await?;
+            // The scheduler takes the first chain like any later one: its Resume is queued first.
+            tokio::spawn(scheduler::run(handle, messages, scheduler_cfg));
+            head.install(&mut m, built, &workers).await;
+        }
+        if head.inner.cfg.rebalance_when_idle {
+            tokio::spawn(head.clone().rebalance_when_idle());
+        }
+        Ok(head)
+    }
+
+    /// Places the model over the head (when it hosts stage 0) and `workers`, loads every shard
+    /// that changed and links the chain; the chain is not used until [`Self::install`].
+    async fn build(&self, m: &mut Membership, workers: &[WorkerHandle]) -> Result<Built> {
+        let cfg = &self.inner.cfg;
+        let manifest = &self.inner.model.manifest;
+        if workers.is_empty() {
+            return Err(HeadError::Unavailable("no worker is left to run the chain".into()));
+        }
+        let epoch = m.epoch + 1;
+        let Placement { ranges, how: placement } = self.plan(m, workers)?;
+        tracing::info!("placement for chain {epoch}: {placement}");
+        let (local_range, worker_ranges) = if cfg.local_stage { (Some(ranges[0].clone()), &ranges[1..]) } else { (None, &ranges[..]) };
+        let layers = |r: &Range<usize>| format!("{}..{}", r.start, r.end);
+        let mut stages = Vec::new();
+        if let Some(r) = &local_range {
+            stages.push(StageStatus { index: 0, node: cfg.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+        }
+        for (w, r) in workers.iter().zip(worker_ranges) {
+            stages.push(StageStatus { index: stages.len(), node: w.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
         }
 
         // Load every shard at once: the head's own on a blocking thread, the workers' remotely.
+        // A shard whose layers did not change is kept (the worker decides the same for its own).
+        let previous = m.local.take();
         let local_load = local_range.clone().map(|r| {
             let (path, device, wire) = (cfg.model.clone(), cfg.device.clone(), cfg.wire);
-            tokio::task::spawn_blocking(move || -> Result<Stage> {
+            tokio::task::spawn_blocking(move || -> Result<(LocalShard, u64)> {
+                if let Some(p) = previous.filter(|p| p.range == r) {
+                    let epoch = p.stage.lock().map_err(|_| HeadError::Config("stage 0 poisoned".into()))?.reset(wire);
+                    tracing::info!("stage 0: layers {}..{} kept", r.start, r.end);
+                    return Ok((p, epoch));
+                }
                 let source = ModelSource::open(&path)?;
-                Ok(Stage::new(Shard::load(&source, r, &device)?, wire))
+                let stage = Stage::new(Shard::load(&source, r.clone(), &device)?, wire);
+                let epoch = stage.epoch();
+                Ok((LocalShard { range: r, stage: Arc::new(Mutex::new(stage)) }, epoch))
             })
         });
         let mut remote = tokio::task::JoinSet::new();
@@ -329,13 +467,14 @@ impl Head {
             let req = pb::LoadShardRequest {
                 model: Some(pb::ModelRef { path: path.display().to_string(), ..Default::default() }),
                 layers: Some(pb::LayerRange { start: r.start as u32, end: r.end as u32 }),
-                n_layers: n_layers as u32,
+                n_layers: self.inner.model.n_layers as u32,
                 wire_dtype: wire_to_proto(cfg.wire) as i32,
                 kv: None,
                 allow_push: true,
+                chain: epoch,
             };
-            let push = PushFrom { security: security.clone(), parts: source.files(), range: r.clone(), n_layers };
-            let handle = WorkerHandle { name: w.name.clone(), endpoint: w.endpoint.clone(), client: w.client.clone(), info: w.info.clone() };
+            let push = PushFrom { security: self.inner.security.clone(), parts: self.inner.model.parts.clone(), range: r.clone(), n_layers: self.inner.model.n_layers };
+            let handle = w.clone();
             remote.spawn(async move { (i, load_remote(&handle, req, Some(push)).await) });
         }
         while let Some(done) = remote.join_next().await {
@@ -343,89 +482,346 @@ impl Head {
             let m = m?;
             tracing::info!("{}: layers {} loaded ({} MiB, {})", workers[i].name, m.layers.unwrap_or_default(), m.weight_bytes >> 20, m.source);
         }
-        let local = match local_load {
-            Some(t) => Some(Arc::new(Mutex::new(t.await.map_err(|e| HeadError::Config(format!("load task: {e}")))??))),
-            None => None,
+        let (local, local_epoch) = match local_load {
+            Some(t) => {
+                let (l, e) = t.await.map_err(|e| HeadError::Config(format!("load task: {e}")))??;
+                (Some(l), e)
+            }
+            None => (None, 0),
         };
 
         // Links, each set up with both ends negotiating at once: data flows from the end that
         // connects to the end that accepts.
-        let link_cfg = LinkConfig::new(baton_transport::ClusterKey::from_bytes(cfg.key.as_bytes()).map_err(|e| HeadError::Config(format!("cluster key: {e}")))?);
         let opts = NegotiateOptions { preference: cfg.preference, ..Default::default() };
         let data: Vec<SocketAddr> = workers
             .iter()
             .map(|w| reachable(w.info.data_addrs.first().map(String::as_str).unwrap_or(""), &w.endpoint))
             .collect::<Result<_>>()?;
         let head_label = cfg.name.clone();
+        let mut links = Vec::new();
 
         let mut first_client = workers[0].client.clone();
         let (accepted, dialed) = tokio::join!(
-            first_client.setup_link(setup_request("head->0", pb::LinkRole::Accept, None, &cfg)),
-            dial(data[0], &link_cfg, &opts)
+            first_client.setup_link(setup_request("head->0", pb::LinkRole::Accept, None, cfg)),
+            dial(data[0], &self.inner.link_cfg, &opts)
         );
         accepted.map_err(|s| HeadError::Link(format!("{} accepting from the head: {}", workers[0].name, s.message())))?;
         let downstream = dialed.map_err(|e| HeadError::Link(format!("head to {}: {e}", workers[0].name)))?;
-        status.links.push(link_status(&head_label, &workers[0].name, &downstream.report));
+        links.push(link_status(&head_label, &workers[0].name, &downstream.report));
 
         for i in 0..workers.len() - 1 {
             let (mut a, mut b) = (workers[i].client.clone(), workers[i + 1].client.clone());
             let id = format!("{i}->{}", i + 1);
             let (sent, acc) = tokio::join!(
-                a.setup_link(setup_request(&id, pb::LinkRole::Connect, Some(data[i + 1]), &cfg)),
-                b.setup_link(setup_request(&id, pb::LinkRole::Accept, None, &cfg))
+                a.setup_link(setup_request(&id, pb::LinkRole::Connect, Some(data[i + 1]), cfg)),
+                b.setup_link(setup_request(&id, pb::LinkRole::Accept, None, cfg))
             );
             acc.map_err(|s| HeadError::Link(format!("{} accepting from {}: {}", workers[i + 1].name, workers[i].name, s.message())))?;
             let reply = sent.map_err(|s| HeadError::Link(format!("{} to {}: {}", workers[i].name, workers[i + 1].name, s.message())))?.into_inner();
-            status.links.push(reply_status(&workers[i].name, &workers[i + 1].name, &reply));
+            links.push(reply_status(&workers[i].name, &workers[i + 1].name, &reply));
         }
 
         let last = workers.len() - 1;
         let bind_ip = if cfg.bind_ip.is_unspecified() { local_ip_towards(data[last]).unwrap_or(cfg.bind_ip) } else { cfg.bind_ip };
-        let acceptor = Acceptor::bind(SocketAddr::new(bind_ip, 0), &link_cfg, &opts).await.map_err(|e| HeadError::Link(format!("head data listener: {e}")))?;
+        let acceptor = Acceptor::bind(SocketAddr::new(bind_ip, 0), &self.inner.link_cfg, &opts).await.map_err(|e| HeadError::Link(format!("head data listener: {e}")))?;
         let head_data = acceptor.local_addr().map_err(|e| HeadError::Link(e.to_string()))?;
         let mut last_client = workers[last].client.clone();
         let (sent, acc) = tokio::join!(
-            last_client.setup_link(setup_request("last->head", pb::LinkRole::Connect, Some(head_data), &cfg)),
+            last_client.setup_link(setup_request("last->head", pb::LinkRole::Connect, Some(head_data), cfg)),
             acceptor.accept()
         );
         let reply = sent.map_err(|s| HeadError::Link(format!("{} to the head: {}", workers[last].name, s.message())))?.into_inner();
         let upstream = acc.map_err(|e| HeadError::Link(format!("head accepting from {}: {e}", workers[last].name)))?;
-        status.links.push(reply_status(&workers[last].name, &head_label, &reply));
-        tracing::info!("chain ready: {} stages, {}", n_stages, status.links.iter().map(|l| format!("{}→{} {} {:.0} µs", l.from, l.to, l.transport, l.rtt_us)).collect::<Vec<_>>().join(", "));
+        links.push(reply_status(&workers[last].name, &head_label, &reply));
+        tracing::info!("chain {epoch} ready: {} stages, {}", stages.len(), links.iter().map(|l| format!("{}→{} {} {:.0} µs", l.from, l.to, l.transport, l.rtt_us)).collect::<Vec<_>>().join(", "));
 
-        status.state = "serving".into();
-        let (handle, messages) = scheduler::Handle::new(&cfg.scheduler);
-        let head = Head {
-            inner: Arc::new(Inner {
-                local: local.is_some(),
-                workers,
-                scheduler: handle.clone(),
-                status: Mutex::new(status),
-                status_path: cfg.status_path.clone(),
-            }),
-        };
-        head.write_status();
-        let on_fail = head.clone();
+        let on_fail = self.clone();
         let chain = Chain {
-            local,
+            epoch,
+            local: local.as_ref().map(|l| l.stage.clone()),
+            local_epoch,
             downstream: Arc::new(downstream.link),
-            workers: head.inner.workers.iter().map(|w| (w.name.clone(), w.client.clone())).collect(),
-            n_stages,
-            on_link_failure: Box::new(move |why| {
-                let head = on_fail.clone();
-                tokio::spawn(async move { head.fail_link(why).await });
-            }),
+            workers: workers.iter().map(|w| (w.name.clone(), w.client.clone())).collect(),
+            n_stages: stages.len(),
+            on_link_failure: Box::new(move |why| on_fail.lost(epoch, why)),
         };
-        tokio::spawn(scheduler::run(handle, messages, cfg.scheduler.clone(), chain));
-        tokio::spawn(head.clone().receive(Arc::new(upstream.link)));
-        for i in 0..head.inner.workers.len() {
-            tokio::spawn(head.clone().watch(i));
+        Ok(Built { chain, upstream: upstream.link, local, placement, stages, links })
+    }
+
+    /// The planner over the head (when it hosts stage 0) and `workers`. A node's own shard counts
+    /// as free memory: a re-plan replaces it.
+    fn plan(&self, m: &Membership, workers: &[WorkerHandle]) -> Result<Placement> {
+        let cfg = &self.inner.cfg;
+        let held = |node: &str| -> u64 { self.status().stages.iter().filter(|s| s.node == node).map(|s| s.weight_bytes).sum() };
+        let mut reports = Vec::new();
+        if cfg.local_stage {
+            let (total, available) = baton_worker::sysinfo::memory();
+            let own = m.local.as_ref().map_or(0, |l| self.inner.model.manifest.stage_weight_bytes(l.range.start, l.range.end));
+            let backend = if cfg.device.is_cuda() { "cuda" } else if cfg.device.is_metal() { "metal" } else { "cpu" };
+            reports.push(NodeReport { name: cfg.name.clone(), total_memory: total, available_memory: available + own, backend: backend.into(), bandwidth: 0 });
         }
-        Ok(head)
+        for w in workers {
+            let available = w.info.available_memory + if m.chain.contains(&w.endpoint) { held(&w.name) } else { 0 };
+            reports.push(NodeReport { name: w.name.clone(), total_memory: w.info.total_memory, available_memory: available, backend: w.info.backend().short_name().into(), bandwidth: w.info.memory_bandwidth });
+        }
+        let batch_tokens = (cfg.scheduler.prefill_chunk + cfg.scheduler.max_batch) as u64;
+        place(&self.inner.model.manifest, &reports, &cfg.cluster, batch_tokens, cfg.local_stage)
+    }
+
+    /// Takes a built chain into use: the scheduler resumes on it, its receiver and health watchers
+    /// start, the status shows it. Returns how many streams resumed.
+    async fn install(&self, m: &mut Membership, built: Built, workers: &[WorkerHandle]) -> usize {
+        let epoch = built.chain.epoch;
+        for t in m.tasks.drain(..) {
+            t.abort();
+        }
+        m.epoch = epoch;
+        m.chain = workers.iter().map(|w| w.endpoint.clone()).collect();
+        m.local = built.local;
+        self.inner.epoch.store(epoch, Ordering::SeqCst);
+        let in_chain = m.chain.clone();
+        let pool: Vec<String> = m.pool.iter().map(|w| w.endpoint.clone()).collect();
+        self.update_status(|s| {
+            s.state = "serving".into();
+            s.placement = built.placement;
+            s.stages = built.stages;
+            s.links = built.links;
+            s.replans = epoch.saturating_sub(1);
+            for n in s.nodes.iter_mut().filter(|n| !n.endpoint.is_empty()) {
+                if in_chain.contains(&n.endpoint) {
+                    (n.alive, n.state) = (true, "serving".into());
+                    n.detail.clear();
+                } else if pool.contains(&n.endpoint) {
+                    (n.alive, n.state) = (true, "spare".into());
+                }
+            }
+        });
+        m.tasks.push(tokio::spawn(self.clone().receive(epoch, built.upstream)));
+        for w in workers {
+            m.tasks.push(tokio::spawn(self.clone().watch(epoch, w.clone())));
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self.inner.scheduler.tx.send(Msg::Resume { chain: built.chain, resumed: tx });
+        rx.await.unwrap_or(0)
+    }
+
+    /// A node or link of chain `epoch` was lost: pause every stream at once, then rebuild.
+    fn lost(&self, epoch: u64, why: String) {
+        let head = self.clone();
+        tokio::spawn(async move {
+            if head.inner.epoch.load(Ordering::SeqCst) != epoch {
+                return;
+            }
+            let _ = head.inner.scheduler.tx.send(Msg::Suspend { epoch, why: why.clone() });
+            head.update_status(|s| s.state = format!("recovering: {why}"));
+            let mut m = head.inner.members.lock().await;
+            // Several signals report one loss (the health stream, the links on either side): the
+            // first rebuilds, the others find a newer chain.
+            if m.epoch != epoch {
+                return;
+            }
+            tracing::warn!("chain {epoch} broke: {why}; rebuilding");
+            let _ = head.replan(&mut m).await;
+        });
+    }
+
+    /// Rebuilds the chain over the pool's workers that still answer; the scheduler must be
+    /// suspended. When no chain can be built, every request ends with the reason.
+    async fn replan(&self, m: &mut Membership) -> Result<Replanned> {
+        let paused = Instant::now();
+        for t in m.tasks.drain(..) {
+            t.abort();
+        }
+        let (mut last, mut lost) = (String::new(), Vec::new());
+        for attempt in 1..=REPLAN_ATTEMPTS {
+            lost.extend(self.prune(m).await);
+            let workers = m.pool.clone();
+            match self.build(m, &workers).await {
+                Ok(built) => {
+                    let stages = built.stages.iter().map(|s| format!("{} {} {}", s.index, s.node, s.layers)).collect();
+                    let resumed = self.install(m, built, &workers).await;
+                    self.inner.replans.fetch_add(1, Ordering::Relaxed);
+                    let pause = paused.elapsed();
+                    tracing::info!("chain {} serving after a {:.0} ms pause; {resumed} stream(s) resumed", m.epoch, pause.as_secs_f64() * 1e3);
+                    return Ok(Replanned { stages, resumed, pause });
+                }
+                Err(HeadError::Plan(why)) => {
+                    last = format!("the model no longer fits the remaining nodes: {why}");
+                    break;
+                }
+                Err(HeadError::Unavailable(why)) => {
+                    last = why;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("rebuilding the chain, attempt {attempt} of {REPLAN_ATTEMPTS}: {e}");
+                    last = e.to_string();
+                }
+            }
+        }
+        let reason = if lost.is_empty() { format!("cannot rebuild the chain: {last}") } else { format!("lost {}; cannot rebuild the chain: {last}", lost.join(", ")) };
+        Err(HeadError::Unavailable(self.fail_all(reason)))
+    }
+
+    /// Drops the workers of the pool that no longer answer (within the failure timeout), marking
+    /// them gone with why; refreshes what the others report (their free memory). Returns
+    /// `"<name> (<why>)"` for each worker dropped.
+    async fn prune(&self, m: &mut Membership) -> Vec<String> {
+        let timeout = self.inner.cfg.failure_timeout;
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, w) in m.pool.iter().enumerate() {
+            let (mut client, req) = (w.client.clone(), self.hello_request());
+            probes.spawn(async move {
+                let r = match tokio::time::timeout(timeout, client.hello(req)).await {
+                    Ok(Ok(r)) => r.into_inner().node.ok_or_else(|| "no node info in hello".to_string()),
+                    Ok(Err(s)) => Err(format!("unreachable: {}", s.message())),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+                (i, r)
+            });
+        }
+        let mut gone = Vec::new();
+        while let Some(Ok((i, r))) = probes.join_next().await {
+            match r {
+                Ok(info) => m.pool[i].info = info,
+                Err(why) => gone.push((i, why)),
+            }
+        }
+        gone.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
+        gone.into_iter()
+            .map(|(i, why)| {
+                let w = m.pool.remove(i);
+                self.node_gone(&w.name, &w.endpoint, &why);
+                format!("{} ({why})", w.name)
+            })
+            .collect()
+    }
+
+    /// Records that a worker is gone: status (keeping an earlier, more telling reason), log, loss count.
+    fn node_gone(&self, name: &str, endpoint: &str, why: &str) {
+        let mut first = false;
+        self.update_status(|s| {
+            if let Some(n) = s.nodes.iter_mut().find(|n| n.endpoint == endpoint) {
+                if n.alive {
+                    (n.alive, n.state, n.detail) = (false, "gone".into(), why.to_string());
+                    first = true;
+                } else if n.state != "gone" {
+                    (n.state, n.detail) = ("gone".into(), why.to_string());
+                    first = true;
+                }
+            }
+        });
+        if first {
+            tracing::error!("worker {name} ({endpoint}) is gone: {why}");
+            *self.inner.losses.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default() += 1;
+        }
+    }
+
+    fn hello_request(&self) -> pb::HelloRequest {
+        hello_request(&self.inner.cfg)
+    }
+
+    /// Re-plans without `node` (a worker's name or endpoint), resuming every stream on the new
+    /// chain. Refused, with nothing changed, when the model would not fit without it.
+    pub async fn drain(&self, node: &str) -> Result<Replanned> {
+        let mut m = self.inner.members.lock().await;
+        let Some(i) = m.pool.iter().position(|w| w.name == node || w.endpoint == node) else {
+            let known: Vec<&str> = m.pool.iter().map(|w| w.name.as_str()).collect();
+            return Err(HeadError::Config(format!("no worker {node} in this cluster (workers: {})", known.join(", "))));
+        };
+        let rest: Vec<WorkerHandle> = m.pool.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, w)| w.clone()).collect();
+        if rest.is_empty() {
+            return Err(HeadError::Plan(format!("{node} is the last worker: the chain needs at least one")));
+        }
+        self.plan(&m, &rest).map_err(|e| HeadError::Plan(format!("draining {node} would leave too little memory: {e}")))?;
+        let w = m.pool.remove(i);
+        let used = m.chain.contains(&w.endpoint);
+        let result = if used {
+            let _ = self.inner.scheduler.tx.send(Msg::Suspend { epoch: m.epoch, why: format!("draining {}", w.name) });
+            self.update_status(|s| s.state = format!("re-planning: draining {}", w.name));
+            self.replan(&mut m).await
+        } else {
+            Ok(Replanned { stages: self.stage_lines(), ..Default::default() })
+        };
+        self.update_status(|s| {
+            if let Some(n) = s.nodes.iter_mut().find(|n| n.endpoint == w.endpoint) {
+                (n.alive, n.state, n.detail) = (false, "drained".into(), "drained by the operator: it may be stopped".into());
+            }
+        });
+        tracing::info!("worker {} ({}) drained", w.name, w.endpoint);
+        // It refuses new sequences from now on, should anything still reach it.
+        let mut client = w.client.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.drain(pb::DrainRequest { timeout_ms: 0 })).await;
+        result
+    }
+
+    /// Makes the worker at `endpoint` known (it must hold the cluster key); it is used at the next
+    /// re-plan. Returns its name and what happens next.
+    pub async fn join(&self, endpoint: &str) -> Result<(String, String)> {
+        let w = hello(endpoint, &self.inner.cfg, &self.inner.security).await?;
+        let mut m = self.inner.members.lock().await;
+        if m.pool.iter().any(|p| p.endpoint == w.endpoint || p.info.id == w.info.id) {
+            return Ok((w.name, "already a member of this cluster".into()));
+        }
+        tracing::info!("worker {} ({}) joined: backend {}, {} MiB available", w.name, w.endpoint, w.info.backend().short_name(), w.info.available_memory >> 20);
+        self.update_status(|s| {
+            s.nodes.retain(|n| n.endpoint != w.endpoint);
+            s.nodes.push(node_status(&w, "spare"));
+        });
+        let name = w.name.clone();
+        m.pool.push(w);
+        let next = if self.inner.cfg.rebalance_when_idle { "used at the next re-plan: once no request runs, or `baton rebalance`" } else { "used at the next re-plan (`baton rebalance`)" };
+        Ok((name, next.into()))
+    }
+
+    /// Re-plans now over every known worker that answers; streams resume on the new chain.
+    /// Refused, with nothing changed, when the model would not fit them.
+    pub async fn rebalance(&self) -> Result<Replanned> {
+        let mut m = self.inner.members.lock().await;
+        let pool = m.pool.clone();
+        self.plan(&m, &pool)?;
+        let _ = self.inner.scheduler.tx.send(Msg::Suspend { epoch: m.epoch, why: "rebalancing".into() });
+        self.update_status(|s| s.state = "re-planning: rebalancing".into());
+        self.replan(&mut m).await
+    }
+
+    /// With `rebalance_when_idle`: re-plans once no request runs and a worker waits to be used
+    /// (or the cluster had failed and has workers again).
+    async fn rebalance_when_idle(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if self.inner.scheduler.counters.admitted.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            let waiting = {
+                let m = self.inner.members.lock().await;
+                m.pool.iter().any(|w| !m.chain.contains(&w.endpoint))
+            };
+            if waiting {
+                tracing::info!("idle with a worker waiting: re-planning");
+                if let Err(e) = self.rebalance().await {
+                    tracing::warn!("re-plan when idle: {e}");
+                }
+            }
+        }
+    }
+
+    fn stage_lines(&self) -> Vec<String> {
+        self.status().stages.iter().map(|s| format!("{} {} {}", s.index, s.node, s.layers)).collect()
     }
 
     pub fn status(&self) -> ClusterStatus {
         self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Records where the head's operator service listens (`baton drain` and friends read it).
+    pub fn set_control_addr(&self, addr: SocketAddr) {
+        self.update_status(|s| s.control = addr.to_string());
+    }
+
+    pub(crate) fn security(&self) -> &baton_proto::ControlSecurity {
+        &self.inner.security
     }
 
     fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
@@ -437,41 +833,29 @@ impl Head {
     }
 
     fn write_status(&self) {
-        let Some(path) = &self.inner.status_path else { return };
+        let Some(path) = &self.inner.cfg.status_path else { return };
         let snapshot = self.status();
         if let Err(e) = snapshot.write(path) {
             tracing::warn!("writing {}: {e}", path.display());
         }
     }
 
-    /// Marks the cluster failed (the first reason sticks) and ends every request with it;
-    /// returns the reason that stuck.
+    /// Marks the cluster failed and ends every request with the reason; returns it.
     fn fail_all(&self, reason: String) -> String {
-        let (newly, reason) = {
-            let mut failed = self.inner.scheduler.counters.failed.lock().unwrap_or_else(|e| e.into_inner());
-            (failed.is_none(), failed.get_or_insert(reason).clone())
-        };
-        if newly {
-            tracing::error!("{reason}; {} request(s) ended", self.inner.scheduler.counters.admitted.load(Ordering::SeqCst));
-            let _ = self.inner.scheduler.tx.send(Msg::Fail(reason.clone()));
-            self.update_status(|s| s.state = format!("failed: {reason}"));
-        }
+        *self.inner.scheduler.counters.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+        tracing::error!("{reason}; {} request(s) ended", self.inner.scheduler.counters.admitted.load(Ordering::SeqCst));
+        let _ = self.inner.scheduler.tx.send(Msg::Fail(reason.clone()));
+        self.update_status(|s| s.state = format!("failed: {reason}"));
         reason
     }
 
-    /// [`Self::fail_all`] for a broken link, after [`LINK_LOSS_GRACE`].
-    async fn fail_link(&self, why: String) -> String {
-        tokio::time::sleep(LINK_LOSS_GRACE).await;
-        self.fail_all(why)
-    }
-
-    /// Hands what comes back from the last stage to the scheduler.
-    async fn receive(self, upstream: Arc<Link>) {
+    /// Hands what comes back from the last stage of chain `epoch` to the scheduler.
+    async fn receive(self, epoch: u64, upstream: Link) {
         loop {
             let frame = match upstream.recv().await {
                 Ok(f) => f,
                 Err(e) => {
-                    self.fail_link(format!("the link from the last stage ended: {e}")).await;
+                    self.lost(epoch, format!("the link from the last stage ended: {e}"));
                     return;
                 }
             };
@@ -488,18 +872,20 @@ impl Head {
         }
     }
 
-    /// Follows a worker's health stream; silence or a broken stream means the worker is gone.
-    async fn watch(self, i: usize) {
-        let w = &self.inner.workers[i];
-        let label = format!("worker {} ({})", w.name, w.endpoint);
+    /// Follows a worker's health stream for chain `epoch`; silence or a broken stream means the
+    /// worker is gone.
+    async fn watch(self, epoch: u64, w: WorkerHandle) {
+        let timeout = self.inner.cfg.failure_timeout;
+        // Ten beats per timeout, so one late beat is no alarm; never faster than the worker allows.
+        let interval_ms = (timeout.as_millis() / 10).clamp(50, u128::from(u32::MAX)) as u32;
         let mut client = w.client.clone();
-        let why = match client.health(pb::HealthRequest { interval_ms: HEARTBEAT_INTERVAL_MS }).await {
+        let why = match client.health(pb::HealthRequest { interval_ms }).await {
             Err(s) => format!("health stream refused: {}", s.message()),
             Ok(r) => {
                 let mut stream = r.into_inner();
                 loop {
-                    match tokio::time::timeout(HEARTBEAT_TIMEOUT, stream.next()).await {
-                        Err(_) => break format!("no heartbeat for {HEARTBEAT_TIMEOUT:?}"),
+                    match tokio::time::timeout(timeout, stream.next()).await {
+                        Err(_) => break format!("no heartbeat for {timeout:?}"),
                         Ok(None) => break "health stream ended".to_string(),
                         Ok(Some(Err(s))) => break format!("health stream broke: {}", s.message()),
                         Ok(Some(Ok(beat))) => {
@@ -519,14 +905,8 @@ impl Head {
                 }
             }
         };
-        let endpoint = w.endpoint.clone();
-        self.update_status(|s| {
-            if let Some(n) = s.nodes.iter_mut().find(|n| n.endpoint == endpoint) {
-                n.alive = false;
-                n.detail = why.clone();
-            }
-        });
-        self.fail_all(format!("{label} is gone ({why})"));
+        self.node_gone(&w.name, &w.endpoint, &why);
+        self.lost(epoch, format!("worker {} ({}) is gone ({why})", w.name, w.endpoint));
     }
 
     /// Admits a request into the scheduler; its tokens stream back on the returned stream, which
@@ -535,32 +915,25 @@ impl Head {
         self.inner.scheduler.submit(req)
     }
 
-    /// `Ok` while the cluster serves; otherwise why it does not.
+    /// `Ok` while the cluster serves (or pauses to rebuild its chain); otherwise why it does not.
     pub fn readiness(&self) -> std::result::Result<(), String> {
         self.inner.scheduler.failed().map_or(Ok(()), Err)
     }
 
-    /// Live figures: queue, sequences, KV per stage, stage 0's forward time, links.
+    /// Live figures: queue, sequences, KV per stage, stage 0's forward time, links, nodes.
     pub fn stats(&self) -> BackendStats {
         let c = &self.inner.scheduler.counters;
         let running = c.running.load(Ordering::SeqCst);
         let status = self.status();
+        let losses = self.inner.losses.lock().map(|l| l.clone()).unwrap_or_default();
         let mut stages = Vec::new();
-        if self.inner.local {
-            stages.push(StageStats {
-                stage: format!("0 {}", status.head),
-                forwards: c.local_forwards.load(Ordering::Relaxed),
-                forward_seconds: c.local_forward_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
-                kv_bytes: c.local_kv_bytes.load(Ordering::Relaxed),
-            });
-        }
-        for (i, n) in status.nodes.iter().filter(|n| !n.endpoint.is_empty()).enumerate() {
-            stages.push(StageStats {
-                stage: format!("{} {}", i + usize::from(self.inner.local), n.name),
-                forwards: n.forwards,
-                forward_seconds: n.forward_seconds,
-                kv_bytes: n.kv_bytes,
-            });
+        for st in &status.stages {
+            let (forwards, forward_seconds, kv_bytes) = if st.index == 0 && self.inner.cfg.local_stage {
+                (c.local_forwards.load(Ordering::Relaxed), c.local_forward_nanos.load(Ordering::Relaxed) as f64 * 1e-9, c.local_kv_bytes.load(Ordering::Relaxed))
+            } else {
+                status.nodes.iter().find(|n| n.name == st.node).map_or((0, 0.0, 0), |n| (n.forwards, n.forward_seconds, n.kv_bytes))
+            };
+            stages.push(StageStats { stage: format!("{} {}", st.index, st.node), forwards, forward_seconds, kv_bytes });
         }
         BackendStats {
             queued: c.admitted.load(Ordering::SeqCst).saturating_sub(running),
@@ -572,8 +945,16 @@ impl Head {
                 .iter()
                 .map(|l| LinkStats { from: l.from.clone(), to: l.to.clone(), transport: l.transport.clone(), rtt_seconds: l.rtt_us * 1e-6 })
                 .collect(),
+            nodes: status
+                .nodes
+                .iter()
+                .map(|n| NodeStats { node: n.name.clone(), up: n.alive, state: n.state.clone(), losses: losses.get(&n.name).copied().unwrap_or(0) })
+                .collect(),
+            replans: self.inner.replans.load(Ordering::Relaxed),
+            resumed_sequences: c.resumed.load(Ordering::Relaxed),
         }
     }
+
 
     /// Starts a request; its events arrive on the returned channel, ending with `Done` or an error.
     /// Dropping the receiver cancels the request.
@@ -638,7 +1019,8 @@ impl Head {
 
     /// Asks every worker to shut down (used when the head owns its workers' lifetime).
     pub async fn shutdown_workers(&self, reason: &str) {
-        for w in &self.inner.workers {
+        let workers = self.inner.members.lock().await.pool.clone();
+        for w in &workers {
             let mut client = w.client.clone();
             let call = client.shutdown(pb::ShutdownRequest { reason: reason.into() });
             let _ = tokio::time::timeout(Duration::from_secs(1), call).await;

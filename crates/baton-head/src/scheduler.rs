@@ -12,6 +12,12 @@
 //!
 //! A sequence is closed on every stage only when none of its micro-batches is in flight: a stage
 //! that meets an unknown sequence fails the whole micro-batch, other sequences included.
+//!
+//! When the chain breaks (a node or link lost, or a drain), the head suspends the scheduler: what
+//! is in flight is forgotten and every running sequence is rewound to the tokens its client has
+//! seen. On the rebuilt chain each is reopened (its sampler resumed after those tokens) and
+//! re-prefilled with its prompt plus all of them but the last, which is its next decode step; so
+//! the stream goes on where it paused, with no token repeated or lost.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,10 +31,11 @@ use baton_model::shard::SeqChunk;
 use baton_proto::pb::{self, worker_client::WorkerClient};
 use baton_transport::{Frame, FrameKind, Link};
 use baton_worker::service::sampling_to_proto;
-use baton_worker::stage::run_blocking;
+use baton_worker::stage::{run_blocking, Opening};
 use baton_worker::wire::{parse_failure, tokens_frame};
 use baton_worker::Stage;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 /// Open and close RPCs give up after this. A stage opens a sequence between two forwards, so the
@@ -62,7 +69,11 @@ impl Default for SchedulerConfig {
 
 /// How the scheduler reaches the stages.
 pub(crate) struct Chain {
+    /// Which chain this is: the head counts its re-plans, and answers of an older chain are ignored.
+    pub epoch: u64,
     pub local: Option<Arc<Mutex<Stage>>>,
+    /// The epoch of `local` for this chain (see [`Stage::reset`]).
+    pub local_epoch: u64,
     pub downstream: Arc<Link>,
     pub workers: Vec<(String, WorkerClient<Channel>)>,
     /// Stages in the chain (the default for `max_in_flight`).
@@ -84,6 +95,8 @@ pub(crate) struct Counters {
     pub local_kv_bytes: AtomicU64,
     /// Set once the cluster cannot serve; later submissions are refused with it.
     pub failed: Mutex<Option<String>>,
+    /// Sequences reopened on a rebuilt chain, over the head's life.
+    pub resumed: AtomicU64,
 }
 
 pub(crate) struct Job {
@@ -93,11 +106,17 @@ pub(crate) struct Job {
 
 pub(crate) enum Msg {
     Admit(Job),
-    Opened { seq: u64, result: Result<(), String> },
+    Opened { seq: u64, epoch: u64, result: Result<(), String> },
     Closed { seq: u64 },
     /// What came back for a micro-batch: sampled tokens by sequence, or why it failed.
     Returned { micro_batch: u64, result: Result<Vec<(u64, Sampled)>, String> },
-    /// The cluster lost a node or link.
+    /// Chain `epoch` broke or is being rebuilt: stop sending, forget what is in flight, rewind
+    /// every running sequence. Requests keep queueing meanwhile. Ignored when `epoch` is not the
+    /// chain in use (a late report about a chain already replaced).
+    Suspend { epoch: u64, why: String },
+    /// A new chain: reopen every running sequence on it and go on; `resumed` hears how many.
+    Resume { chain: Chain, resumed: oneshot::Sender<usize> },
+    /// The cluster cannot serve (no chain could be rebuilt): end every request with the reason.
     Fail(String),
 }
 
@@ -154,9 +173,13 @@ enum Phase {
 struct Seq {
     job: Job,
     phase: Phase,
-    /// Prompt tokens sent down the chain so far.
+    /// What must be prefilled before decoding: the prompt, or after a rewind the prompt plus every
+    /// streamed token but the last.
+    context: Vec<u32>,
+    /// Tokens of `context` sent down the chain so far.
     sent: usize,
-    generated: usize,
+    /// Tokens streamed to the client.
+    emitted: Vec<u32>,
     /// The last sampled token, to be fed back as the next decode step.
     next: Option<u32>,
     /// Micro-batches in flight that carry this sequence.
@@ -169,17 +192,48 @@ struct Seq {
 }
 
 impl Seq {
+    fn new(job: Job) -> Self {
+        let context = job.req.prompt_tokens.clone();
+        Seq { job, phase: Phase::Opening, context, sent: 0, emitted: Vec::new(), next: None, in_flight: 0, ending: false, served: 0 }
+    }
+
     fn prompt_len(&self) -> usize {
         self.job.req.prompt_tokens.len()
+    }
+
+    /// Every token of the context is in the chain: the sequence decodes.
+    fn prefilled(&self) -> bool {
+        self.sent == self.context.len()
+    }
+
+    /// Forgets the KV cache the lost chain held: the sequence is reopened and its context
+    /// prefilled again, up to the token it was about to feed.
+    fn rewind(&mut self) {
+        self.phase = Phase::Opening;
+        self.in_flight = 0;
+        self.sent = 0;
+        self.context.truncate(self.prompt_len());
+        self.next = match self.emitted.split_last() {
+            Some((&last, earlier)) => {
+                self.context.extend_from_slice(earlier);
+                Some(last)
+            }
+            None => None,
+        };
     }
 }
 
 struct Scheduler {
     cfg: SchedulerConfig,
-    chain: Arc<Chain>,
+    /// `max_in_flight` was left to the chain (one micro-batch per stage).
+    auto_in_flight: bool,
+    /// `None` while suspended.
+    chain: Option<Arc<Chain>>,
+    epoch: u64,
     counters: Arc<Counters>,
     tx: UnboundedSender<Msg>,
-    feeder: UnboundedSender<(u64, Frame)>,
+    /// Into the current chain's feed task.
+    feeder: Option<UnboundedSender<(u64, Frame)>>,
     waiting: VecDeque<Job>,
     seqs: HashMap<u64, Seq>,
     /// Micro-batch id → the sequences it carries, and whether it carries prompt chunks.
@@ -189,24 +243,20 @@ struct Scheduler {
     clock: u64,
 }
 
-/// Runs the scheduler until the head's handle is dropped.
-pub(crate) async fn run(handle: Handle, mut rx: UnboundedReceiver<Msg>, cfg: SchedulerConfig, chain: Chain) {
-    let chain = Arc::new(chain);
-    let (feeder, frames) = mpsc::unbounded_channel();
-    tokio::spawn(feed(chain.clone(), handle.counters.clone(), handle.tx.clone(), frames));
+/// Runs the scheduler; it waits (queueing requests) for its first chain in a [`Msg::Resume`].
+pub(crate) async fn run(handle: Handle, mut rx: UnboundedReceiver<Msg>, cfg: SchedulerConfig) {
     let mut cfg = cfg;
     cfg.max_batch = cfg.max_batch.max(1);
     cfg.max_running = cfg.max_running.max(1);
     cfg.prefill_chunk = cfg.prefill_chunk.max(1);
-    if cfg.max_in_flight == 0 {
-        cfg.max_in_flight = chain.n_stages.max(1);
-    }
     let mut s = Scheduler {
+        auto_in_flight: cfg.max_in_flight == 0,
         cfg,
-        chain,
+        chain: None,
+        epoch: 0,
         counters: handle.counters.clone(),
         tx: handle.tx.clone(),
-        feeder,
+        feeder: None,
         waiting: VecDeque::new(),
         seqs: HashMap::new(),
         in_flight: HashMap::new(),
@@ -239,7 +289,10 @@ impl Scheduler {
                     None => self.waiting.push_back(job),
                 }
             }
-            Msg::Opened { seq, result } => {
+            Msg::Opened { seq, epoch, result } => {
+                if epoch != self.epoch {
+                    return;
+                }
                 let Some(s) = self.seqs.get_mut(&seq) else { return };
                 if let Err(why) = result {
                     if !s.ending {
@@ -286,25 +339,82 @@ impl Scheduler {
                     self.close_if_idle(seq);
                 }
             }
+            Msg::Suspend { epoch, why } => {
+                if epoch == self.epoch {
+                    self.suspend(&why);
+                }
+            }
+            Msg::Resume { chain, resumed } => {
+                let _ = resumed.send(self.resume(chain));
+            }
             Msg::Fail(why) => {
+                self.suspend(&why);
                 *self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
                 while let Some(job) = self.waiting.pop_front() {
                     self.reject(job, &why);
                 }
-                // Nothing in flight will come back.
-                self.in_flight.clear();
-                let ids: Vec<u64> = self.seqs.keys().copied().collect();
-                for seq in ids {
-                    let s = self.seqs.get_mut(&seq).expect("listed above");
-                    if !s.ending {
-                        let _ = s.job.tx.send(StreamEvent::Failed(why.clone()));
-                        s.ending = true;
-                    }
-                    s.in_flight = 0;
-                    self.close_if_idle(seq);
+                for (_, s) in self.seqs.drain() {
+                    let _ = s.job.tx.send(StreamEvent::Failed(why.clone()));
+                    self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                    self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         }
+    }
+
+    /// Stops using the chain: what is in flight will not come back, and what the stages hold is
+    /// gone with it. Running sequences are rewound; those that were ending are simply forgotten.
+    fn suspend(&mut self, why: &str) {
+        if self.chain.take().is_none() {
+            return;
+        }
+        // Dropping the sender ends the feed task after the frame in hand.
+        self.feeder = None;
+        self.in_flight.clear();
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        let mut paused = 0;
+        for seq in ids {
+            let s = self.seqs.get_mut(&seq).expect("listed above");
+            if s.ending || s.phase == Phase::Closing {
+                self.seqs.remove(&seq);
+                self.counters.running.fetch_sub(1, Ordering::SeqCst);
+                self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                s.rewind();
+                paused += 1;
+            }
+        }
+        tracing::warn!("{paused} stream(s) paused, {} queued: {why}", self.waiting.len());
+    }
+
+    /// Takes `chain` into use: every rewound sequence is reopened on it (and then re-prefilled by
+    /// the ordinary packing); a cluster that had failed serves again. Returns how many resumed.
+    fn resume(&mut self, chain: Chain) -> usize {
+        let chain = Arc::new(chain);
+        self.epoch = chain.epoch;
+        if self.auto_in_flight {
+            self.cfg.max_in_flight = chain.n_stages.max(1);
+        }
+        let (feeder, frames) = mpsc::unbounded_channel();
+        tokio::spawn(feed(chain.clone(), self.counters.clone(), self.tx.clone(), frames));
+        self.feeder = Some(feeder);
+        self.chain = Some(chain.clone());
+        *self.counters.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut resumed = 0usize;
+        for (&seq, s) in &self.seqs {
+            resumed += 1;
+            let (chain, tx, epoch) = (chain.clone(), self.tx.clone(), self.epoch);
+            let (sampling, prompt, generated) = (s.job.req.sampling.clone(), s.job.req.prompt_tokens.clone(), s.emitted.clone());
+            tokio::spawn(async move {
+                let result = open_everywhere(&chain, seq, sampling, prompt, generated).await;
+                let _ = tx.send(Msg::Opened { seq, epoch, result });
+            });
+        }
+        if resumed > 0 {
+            self.counters.resumed.fetch_add(resumed as u64, Ordering::Relaxed);
+            tracing::info!("{resumed} stream(s) resume on chain {}", self.epoch);
+        }
+        resumed
     }
 
     /// Ends a job that never ran.
@@ -324,12 +434,12 @@ impl Scheduler {
             Some(Finish::Stop)
         } else {
             let token = sampled.token;
-            s.generated += 1;
+            s.emitted.push(token);
             if s.job.tx.send(StreamEvent::Token(sampled)).is_err() {
                 // The client went away: stop here, silently.
                 s.ending = true;
                 None
-            } else if s.generated >= req.max_tokens {
+            } else if s.emitted.len() >= req.max_tokens {
                 Some(Finish::Length)
             } else {
                 s.next = Some(token);
@@ -350,7 +460,12 @@ impl Scheduler {
             return;
         }
         s.phase = Phase::Closing;
-        let (chain, counters, tx) = (self.chain.clone(), self.counters.clone(), self.tx.clone());
+        let Some(chain) = self.chain.clone() else {
+            // Suspended: the next chain starts empty, there is nothing to close.
+            let _ = self.tx.send(Msg::Closed { seq });
+            return;
+        };
+        let (counters, tx) = (self.counters.clone(), self.tx.clone());
         tokio::spawn(async move {
             close_everywhere(&chain, &counters, seq).await;
             let _ = tx.send(Msg::Closed { seq });
@@ -359,6 +474,7 @@ impl Scheduler {
 
     /// Moves queued jobs into the running set while there is room, opening them on every stage.
     fn promote(&mut self) {
+        let Some(chain) = self.chain.clone() else { return };
         while self.seqs.len() < self.cfg.max_running {
             let Some(job) = self.waiting.pop_front() else { return };
             if job.tx.is_closed() {
@@ -370,20 +486,18 @@ impl Scheduler {
             self.next_seq += 1;
             let (sampling, prompt) = (job.req.sampling.clone(), job.req.prompt_tokens.clone());
             self.counters.running.fetch_add(1, Ordering::SeqCst);
-            self.seqs.insert(
-                seq,
-                Seq { job, phase: Phase::Opening, sent: 0, generated: 0, next: None, in_flight: 0, ending: false, served: 0 },
-            );
-            let (chain, tx) = (self.chain.clone(), self.tx.clone());
+            self.seqs.insert(seq, Seq::new(job));
+            let (chain, tx, epoch) = (chain.clone(), self.tx.clone(), self.epoch);
             tokio::spawn(async move {
-                let result = open_everywhere(&chain, seq, sampling, prompt).await;
-                let _ = tx.send(Msg::Opened { seq, result });
+                let result = open_everywhere(&chain, seq, sampling, prompt, Vec::new()).await;
+                let _ = tx.send(Msg::Opened { seq, epoch, result });
             });
         }
     }
 
     /// Packs and sends one micro-batch; false when no sequence has work that can go now.
     fn dispatch(&mut self) -> bool {
+        let Some(feeder) = self.feeder.clone() else { return false };
         // Abandoned streams stop at their next step.
         let abandoned: Vec<u64> = self
             .seqs
@@ -407,8 +521,8 @@ impl Scheduler {
         match tokens_frame(mb, &chunks, &ids) {
             Ok(frame) => {
                 self.in_flight.insert(mb, (members, prefill));
-                if self.feeder.send((mb, frame)).is_err() {
-                    let _ = self.tx.send(Msg::Fail("the chain feeder stopped".into()));
+                if feeder.send((mb, frame)).is_err() {
+                    let _ = self.tx.send(Msg::Suspend { epoch: self.epoch, why: "the chain feeder stopped".into() });
                 }
             }
             Err(e) => {
@@ -428,13 +542,14 @@ impl Scheduler {
 /// when no sequence has work that can go now.
 fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64, allow_prefill: bool) -> Option<(Vec<SeqChunk>, Vec<u32>, bool)> {
     let live = |s: &Seq| s.phase == Phase::Running && !s.ending;
-    let decoding = seqs.values().filter(|s| live(s) && s.sent == s.prompt_len()).count();
+    let decoding = seqs.values().filter(|s| live(s) && s.prefilled()).count();
     // Spread the decoding streams over the micro-batches in flight, so every stage has work.
     let per_batch = decoding.div_ceil(cfg.max_in_flight.max(1)).clamp(1, cfg.max_batch.max(1));
-    let mut ready: Vec<(u64, u64)> = seqs.iter().filter(|(_, s)| live(s) && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
+    let mut ready: Vec<(u64, u64)> =
+        seqs.iter().filter(|(_, s)| live(s) && s.prefilled() && s.in_flight == 0 && s.next.is_some()).map(|(&id, s)| (s.served, id)).collect();
     ready.sort_unstable();
     ready.truncate(per_batch);
-    let mut prefill: Vec<u64> = seqs.iter().filter(|(_, s)| allow_prefill && live(s) && s.sent < s.prompt_len()).map(|(&id, _)| id).collect();
+    let mut prefill: Vec<u64> = seqs.iter().filter(|(_, s)| allow_prefill && live(s) && !s.prefilled()).map(|(&id, _)| id).collect();
     // Sequence ids grow with admission: first come, first prefilled.
     prefill.sort_unstable();
 
@@ -443,7 +558,7 @@ fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64, allow_p
     for (_, seq) in ready {
         let s = seqs.get_mut(&seq).expect("listed above");
         let token = s.next.take().expect("ready means a token is waiting");
-        chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.generated - 1, n_tokens: 1 });
+        chunks.push(SeqChunk { seq_id: seq, start_pos: s.prompt_len() + s.emitted.len() - 1, n_tokens: 1 });
         ids.push(token);
     }
     let decodes = chunks.len();
@@ -453,9 +568,9 @@ fn pack(seqs: &mut HashMap<u64, Seq>, cfg: &SchedulerConfig, clock: u64, allow_p
             break;
         }
         let s = seqs.get_mut(&seq).expect("listed above");
-        let n = (s.prompt_len() - s.sent).min(budget);
+        let n = (s.context.len() - s.sent).min(budget);
         chunks.push(SeqChunk { seq_id: seq, start_pos: s.sent, n_tokens: n });
-        ids.extend_from_slice(&s.job.req.prompt_tokens[s.sent..s.sent + n]);
+        ids.extend_from_slice(&s.context[s.sent..s.sent + n]);
         s.sent += n;
         budget -= n;
     }
@@ -479,7 +594,7 @@ async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Ms
         let frame = match &chain.local {
             Some(stage) => {
                 let started = Instant::now();
-                let out = run_blocking(stage.clone(), frame).await;
+                let out = run_blocking(stage.clone(), frame, chain.local_epoch).await;
                 counters.local_forwards.fetch_add(1, Ordering::Relaxed);
                 counters.local_forward_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 // Never wait here: an open or close holding the lock updates the figure itself.
@@ -492,10 +607,8 @@ async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Ms
                         continue;
                     }
                     Some(f) => f,
-                    None => {
-                        let _ = tx.send(Msg::Returned { micro_batch: mb, result: Err("stage 0 produced nothing".into()) });
-                        continue;
-                    }
+                    // Stage 0 was reset for a newer chain: this one is over.
+                    None => return,
                 }
             }
             None => frame,
@@ -507,17 +620,26 @@ async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Ms
     }
 }
 
-/// Opens the sequence on every stage; the last stage installs its sampler.
-async fn open_everywhere(chain: &Chain, seq: u64, sampling: SamplingParams, prompt: Vec<u32>) -> Result<(), String> {
-    let open = pb::OpenSequenceRequest { sequence_id: seq, sampling: Some(sampling_to_proto(&sampling)), prompt_tokens: prompt.clone() };
+/// Opens the sequence on every stage; the last stage installs its sampler, resumed after
+/// `generated` when the sequence continues on a rebuilt chain.
+async fn open_everywhere(chain: &Chain, seq: u64, sampling: SamplingParams, prompt: Vec<u32>, generated: Vec<u32>) -> Result<(), String> {
+    let open = pb::OpenSequenceRequest {
+        sequence_id: seq,
+        sampling: Some(sampling_to_proto(&sampling)),
+        prompt_tokens: prompt.clone(),
+        generated: generated.clone(),
+        chain: chain.epoch,
+    };
     if let Some(stage) = &chain.local {
-        let stage = stage.clone();
+        let (stage, epoch) = (stage.clone(), chain.local_epoch);
         // The lock waits for a running forward: off the async threads.
         tokio::task::spawn_blocking(move || {
+            let mut stage = stage.lock().map_err(|_| "stage 0 poisoned".to_string())?;
+            if stage.epoch() != epoch {
+                return Err("stage 0 was reset for a newer chain".to_string());
+            }
             stage
-                .lock()
-                .map_err(|_| "stage 0 poisoned".to_string())?
-                .open_sequence(seq, Some((sampling, &prompt)))
+                .open_sequence(seq, Some(Opening { params: sampling, prompt: &prompt, generated: &generated }))
                 .map_err(|e| format!("stage 0: open sequence: {e}"))
         })
         .await
@@ -577,7 +699,9 @@ mod tests {
         // The stream stays alive for the test's duration through the leaked receiver.
         std::mem::forget(stream);
         let req = GenerationRequest { prompt_tokens: (0..prompt_len as u32).collect(), sampling: Default::default(), max_tokens: 100, stop_token_ids: vec![] };
-        Seq { job: Job { req, tx }, phase: Phase::Running, sent, generated, next, in_flight: 0, ending: false, served }
+        let mut s = Seq::new(Job { req, tx });
+        (s.phase, s.sent, s.emitted, s.next, s.served) = (Phase::Running, sent, (0..generated as u32).collect(), next, served);
+        s
     }
 
     fn cfg(max_batch: usize, prefill_chunk: usize, max_in_flight: usize) -> SchedulerConfig {

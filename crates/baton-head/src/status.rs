@@ -13,8 +13,14 @@ pub struct ClusterStatus {
     pub pid: u32,
     pub model: String,
     pub wire_dtype: String,
-    /// `starting`, `serving`, or `failed: <why>`.
+    /// `starting`, `serving`, `recovering: <why>`, `re-planning: <why>` or `failed: <why>`.
     pub state: String,
+    /// Where the head's operator service (`baton drain`, `join`, `rebalance`) listens.
+    #[serde(default)]
+    pub control: String,
+    /// Chains built after the first.
+    #[serde(default)]
+    pub replans: u64,
     pub updated_unix_ms: u64,
     /// How the layers were placed (planner or even split) and why.
     pub placement: String,
@@ -33,7 +39,10 @@ pub struct NodeStatus {
     /// Control endpoint, `host:port`; empty for the head itself.
     pub endpoint: String,
     pub alive: bool,
-    /// Why a node is gone; empty while alive.
+    /// `serving` (in the chain), `spare` (known, used at the next re-plan), `gone` or `drained`.
+    #[serde(default)]
+    pub state: String,
+    /// Why a node is gone or drained; empty while it serves.
     pub detail: String,
     pub backend: String,
     pub total_memory: u64,

@@ -184,6 +184,11 @@ impl Shard {
             .ok_or(ModelError::UnknownSequence(seq_id))
     }
 
+    /// Frees every sequence's cache (the chain was rebuilt: nothing cached is valid any more).
+    pub fn close_all(&mut self) {
+        self.seqs.clear();
+    }
+
     /// Tokens cached for a sequence, if open.
     pub fn sequence_len(&self, seq_id: u64) -> Option<usize> {
         self.seqs.get(&seq_id).map(|c| c.pos)

@@ -1,11 +1,13 @@
 //! baton-proto: the control plane between the head and its workers.
 //!
-//! - [`pb`]: the `baton.v1` messages and the `Worker` service, generated from `proto/baton.proto`
-//!   (client in [`pb::worker_client`], server trait in [`pb::worker_server`]).
+//! - [`pb`]: the `baton.v1` messages, the `Worker` service and the head's operator service `Head`,
+//!   generated from `proto/baton.proto` (clients in [`pb::worker_client`] and [`pb::head_client`],
+//!   server traits in [`pb::worker_server`] and [`pb::head_server`]).
 //! - [`negotiate()`]: protocol version and feature agreement, with an error that names every
 //!   difference.
 //! - [`weights_stream`]: chunking, checksums and resume for pushing a shard's tensors to a worker.
-//! - [`worker_server`] / [`connect`]: the service and client with message sizes bounded explicitly.
+//! - [`worker_server`] / [`connect`], [`head_server`] / [`head_client`]: the services and clients
+//!   with message sizes bounded explicitly.
 //! - [`secure`]: every control connection is TLS 1.3 with the cluster-key handshake inside.
 
 pub mod negotiate;
@@ -46,4 +48,20 @@ pub fn worker_client(
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub use secure::{connect, ControlSecurity, SecureError};
+/// The head's operator service with [`MAX_MESSAGE_BYTES`] applied in both directions.
+pub fn head_server<T: pb::head_server::Head>(service: T) -> pb::head_server::HeadServer<T> {
+    pb::head_server::HeadServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A head client over an established channel, with [`MAX_MESSAGE_BYTES`] applied in both directions.
+pub fn head_client(
+    channel: tonic::transport::Channel,
+) -> pb::head_client::HeadClient<tonic::transport::Channel> {
+    pb::head_client::HeadClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub use secure::{channel, connect, ControlSecurity, SecureError};

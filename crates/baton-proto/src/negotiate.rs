@@ -16,9 +16,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest revision this build accepts from a peer.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Optional capabilities this build implements.
-pub const FEATURES: &[&str] = &["weights-push", "health-stream", "last-stage-sampling"];
-/// Capabilities this build cannot work without.
-pub const REQUIRED: &[&str] = &["last-stage-sampling"];
+pub const FEATURES: &[&str] = &["weights-push", "health-stream", "last-stage-sampling", "resume-sequence"];
+/// Capabilities this build cannot work without. `resume-sequence`: a worker that ignored
+/// `OpenSequenceRequest.generated` would sample a resumed stream from the wrong state.
+pub const REQUIRED: &[&str] = &["last-stage-sampling", "resume-sequence"];
 
 /// This build's [`pb::Protocol`].
 pub fn local_protocol() -> pb::Protocol {

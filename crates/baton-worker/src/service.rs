@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::stage::{run_loop, LinkCounters, Stage};
+use crate::stage::{run_loop, LinkCounters, Opening, Stage};
 use crate::weights::{cached, Incoming};
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -56,6 +56,18 @@ struct Links {
     downstream: Option<DataLink>,
 }
 
+/// The loaded shard: which model path and layers it is (a re-plan that gives this worker the same
+/// ones keeps it instead of reading the weights again), and the epoch of its current chain.
+struct Loaded {
+    model: String,
+    range: std::ops::Range<usize>,
+    manifest: pb::ShardManifest,
+    stage: Arc<Mutex<Stage>>,
+    epoch: u64,
+    /// The head's chain this shard serves now.
+    chain: u64,
+}
+
 const STATE_IDLE: u8 = 0;
 const STATE_LOADING: u8 = 1;
 const STATE_SERVING: u8 = 2;
@@ -64,7 +76,7 @@ const STATE_DRAINING: u8 = 3;
 struct Inner {
     cfg: WorkerConfig,
     acceptor: Acceptor,
-    stage: Mutex<Option<Arc<Mutex<Stage>>>>,
+    stage: Mutex<Option<Loaded>>,
     links: Mutex<Links>,
     state: AtomicU8,
     /// Last figures read from the stage, for heartbeats taken while it computes.
@@ -154,7 +166,8 @@ impl WorkerService {
             .stage
             .lock()
             .map_err(|_| internal("stage"))?
-            .clone())
+            .as_ref()
+            .map(|l| l.stage.clone()))
     }
 
     fn loaded_stage(&self) -> Result<Arc<Mutex<Stage>>, Status> {
@@ -164,7 +177,14 @@ impl WorkerService {
 
     /// Starts the stage loop once the shard and both links are there.
     fn maybe_start(&self) -> Result<(), Status> {
-        let Some(stage) = self.stage()? else {
+        let Some((stage, epoch)) = self
+            .inner
+            .stage
+            .lock()
+            .map_err(|_| internal("stage"))?
+            .as_ref()
+            .map(|l| (l.stage.clone(), l.epoch))
+        else {
             return Ok(());
         };
         let links = self.inner.links.lock().map_err(|_| internal("links"))?;
@@ -178,6 +198,7 @@ impl WorkerService {
         );
         tokio::spawn(run_loop(
             stage,
+            epoch,
             up.link.clone(),
             down.link.clone(),
             up.counters.clone(),
@@ -437,12 +458,50 @@ impl Worker for WorkerService {
             .layers
             .ok_or_else(|| Status::invalid_argument("no layer range"))?;
         let allow_push = req.allow_push;
-        // A load starts a new chain (a new head, or the same one re-planning): the links and the
-        // stage of the earlier one must not be mixed with the new ones.
-        *self.inner.links.lock().map_err(|_| internal("links"))? = Links::default();
-        *self.inner.stage.lock().map_err(|_| internal("stage"))? = None;
+        let chain = req.chain;
         let wire = wire_from_proto(req.wire_dtype)?;
+        // A load starts a new chain (a new head, or the same one re-planning): the links and the
+        // sequences of the earlier one must not be mixed with the new ones. Closing the old links
+        // ends the old stage loop.
+        let old = std::mem::take(&mut *self.inner.links.lock().map_err(|_| internal("links"))?);
+        for l in [old.upstream, old.downstream].into_iter().flatten() {
+            tokio::spawn(async move { l.link.close("the head is rebuilding the chain").await });
+        }
+        let model = path.display().to_string();
+        let kept = {
+            let mut slot = self.inner.stage.lock().map_err(|_| internal("stage"))?;
+            match slot.as_ref() {
+                Some(l) if l.model == model && l.range == layers.range() => Some(l.stage.clone()),
+                _ => {
+                    *slot = None;
+                    None
+                }
+            }
+        };
         let (tx, rx) = mpsc::channel(8);
+        if let Some(stage) = kept {
+            // Same model and layers: keep the weights, start the new chain's epoch. The reset
+            // waits for a forward of the old chain to finish: off the async threads.
+            let epoch = tokio::task::spawn_blocking(move || stage.lock().map(|mut s| s.reset(wire)).ok())
+                .await
+                .map_err(|e| Status::internal(format!("reset task: {e}")))?
+                .ok_or_else(|| internal("stage"))?;
+            let manifest = {
+                let mut slot = self.inner.stage.lock().map_err(|_| internal("stage"))?;
+                let l = slot.as_mut().ok_or_else(|| Status::aborted("another load replaced this one"))?;
+                l.epoch = epoch;
+                l.chain = chain;
+                l.manifest.clone()
+            };
+            self.inner.state.store(STATE_SERVING, Ordering::Relaxed);
+            tracing::info!("layers {layers} kept for the new chain (epoch {epoch})");
+            let mut p = progress(pb::LoadPhase::Ready, format!("layers {layers} already loaded"));
+            p.bytes_done = manifest.weight_bytes;
+            p.bytes_total = manifest.weight_bytes;
+            p.result = Some(pb::load_progress::Result::Manifest(pb::ShardManifest { source: "already loaded".into(), ..manifest }));
+            let _ = tx.send(Ok(p)).await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let this = self.clone();
         tokio::spawn(async move {
             let _ = tx
@@ -520,7 +579,14 @@ impl Worker for WorkerService {
                         available_memory_after: crate::sysinfo::memory().1,
                     };
                     if let Ok(mut slot) = this.inner.stage.lock() {
-                        *slot = Some(Arc::new(Mutex::new(Stage::new(shard, wire))));
+                        *slot = Some(Loaded {
+                            model,
+                            range: layers.range(),
+                            manifest: manifest.clone(),
+                            stage: Arc::new(Mutex::new(Stage::new(shard, wire))),
+                            epoch: 0,
+                            chain,
+                        });
                     }
                     this.inner.state.store(STATE_SERVING, Ordering::Relaxed);
                     tracing::info!("loaded layers {layers} ({bytes} bytes, {source})");
@@ -719,14 +785,25 @@ impl Worker for WorkerService {
         if self.inner.state.load(Ordering::Relaxed) == STATE_DRAINING {
             return Err(Status::unavailable("draining: no new sequences"));
         }
-        let stage = self.loaded_stage()?;
+        let stage = {
+            let slot = self.inner.stage.lock().map_err(|_| internal("stage"))?;
+            let l = slot.as_ref().ok_or_else(|| Status::failed_precondition("no shard is loaded"))?;
+            if l.chain != req.chain {
+                return Err(Status::failed_precondition(format!(
+                    "sequence {} is for chain {}, this stage serves chain {}",
+                    req.sequence_id, req.chain, l.chain
+                )));
+            }
+            l.stage.clone()
+        };
         let params = sampling_from_proto(&req.sampling.unwrap_or_default());
         // The lock waits for the forward in progress: off the async threads, which must keep
         // answering heartbeats meanwhile.
         tokio::task::spawn_blocking(move || {
             let mut stage = stage.lock().map_err(|_| internal("stage"))?;
+            let opening = Opening { params, prompt: &req.prompt_tokens, generated: &req.generated };
             stage
-                .open_sequence(req.sequence_id, Some((params, &req.prompt_tokens)))
+                .open_sequence(req.sequence_id, Some(opening))
                 .map_err(|e| Status::invalid_argument(e.to_string()))
         })
         .await

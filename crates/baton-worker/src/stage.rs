@@ -15,11 +15,20 @@ use tokio::sync::mpsc;
 use crate::wire::{self, StageFailure};
 use crate::{Result, WorkerError};
 
-/// A sequence's sampler on the last stage, and how long its prompt is: chunks that end before the
-/// prompt does (prefill split over several micro-batches) produce no token.
+/// A sequence's sampler on the last stage, and how many tokens go in before the first it samples:
+/// chunks that end before then (prefill split over several micro-batches, or the replay of a
+/// resumed sequence) produce no token.
 struct SeqSampler {
     sampler: Sampler,
     prompt_len: usize,
+}
+
+/// What the last stage needs to open a sequence: its sampling parameters, its prompt and, for a
+/// sequence resumed on a rebuilt chain, the tokens it had generated before.
+pub struct Opening<'a> {
+    pub params: SamplingParams,
+    pub prompt: &'a [u32],
+    pub generated: &'a [u32],
 }
 
 pub struct Stage {
@@ -29,11 +38,28 @@ pub struct Stage {
     tokens_processed: u64,
     forwards: u64,
     forward_time: Duration,
+    /// Which chain the stage serves; [`Stage::reset`] moves it on, so that a frame of the chain
+    /// before (still queued in an old stage loop) is dropped instead of touching the new state.
+    epoch: u64,
 }
 
 impl Stage {
     pub fn new(shard: Shard, wire: WireDType) -> Self {
-        Stage { shard, wire, samplers: HashMap::new(), tokens_processed: 0, forwards: 0, forward_time: Duration::ZERO }
+        Stage { shard, wire, samplers: HashMap::new(), tokens_processed: 0, forwards: 0, forward_time: Duration::ZERO, epoch: 0 }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Readies the loaded shard for a new chain: every sequence closed, frames of the old chain
+    /// refused from now on. Returns the new epoch.
+    pub fn reset(&mut self, wire: WireDType) -> u64 {
+        self.shard.close_all();
+        self.samplers.clear();
+        self.wire = wire;
+        self.epoch += 1;
+        self.epoch
     }
 
     pub fn shard(&self) -> &Shard {
@@ -55,13 +81,17 @@ impl Stage {
         (self.forwards, self.forward_time)
     }
 
-    /// Opens a sequence; the last stage also installs its sampler (`sampling` is then required).
-    pub fn open_sequence(&mut self, seq_id: u64, sampling: Option<(SamplingParams, &[u32])>) -> Result<()> {
+    /// Opens a sequence; the last stage also installs its sampler (`opening` is then required),
+    /// resumed after `opening.generated` when the sequence continues on a rebuilt chain.
+    pub fn open_sequence(&mut self, seq_id: u64, opening: Option<Opening<'_>>) -> Result<()> {
         let sampler = if self.shard.is_last() {
-            let (params, prompt) = sampling.ok_or_else(|| {
+            let o = opening.ok_or_else(|| {
                 WorkerError::Request(format!("sequence {seq_id}: the last stage needs sampling parameters"))
             })?;
-            Some(SeqSampler { sampler: Sampler::new(params, prompt)?, prompt_len: prompt.len() })
+            Some(SeqSampler {
+                sampler: Sampler::resume(o.params, o.prompt, o.generated)?,
+                prompt_len: o.prompt.len() + o.generated.len(),
+            })
         } else {
             None
         };
@@ -131,7 +161,8 @@ impl LinkCounters {
 
 /// Runs `frame` through the stage on a blocking thread (the forward is CPU-heavy), turning any
 /// error into a control frame that names it, so the head hears of every failed micro-batch.
-pub async fn run_blocking(stage: Arc<Mutex<Stage>>, frame: Frame) -> Option<Frame> {
+/// `None` when the stage has moved on from `epoch` (the frame belongs to a chain that is gone).
+pub async fn run_blocking(stage: Arc<Mutex<Stage>>, frame: Frame, epoch: u64) -> Option<Frame> {
     let seqs = frame.seqs.clone();
     let micro_batch = frame.micro_batch;
     let result = tokio::task::spawn_blocking(move || {
@@ -139,6 +170,9 @@ pub async fn run_blocking(stage: Arc<Mutex<Stage>>, frame: Frame) -> Option<Fram
             stage: "?".into(),
             message: "stage state poisoned by an earlier panic".into(),
         })?;
+        if stage.epoch != epoch {
+            return Ok(None);
+        }
         stage.process(&frame).map_err(|e| StageFailure { stage: stage.label(), message: e.to_string() })
     })
     .await;
@@ -154,9 +188,11 @@ pub async fn run_blocking(stage: Arc<Mutex<Stage>>, frame: Frame) -> Option<Fram
 /// The stage loop: upstream frames through the shard to downstream, until either link ends. A
 /// writer task sends while the next micro-batch computes; control frames (failures of earlier
 /// stages) pass through untouched. When the upstream link ends, the downstream link is closed
-/// with the reason, so the loss travels down the chain to the head.
+/// with the reason, so the loss travels down the chain to the head. The loop serves the stage's
+/// `epoch` and ends at the first frame after a [`Stage::reset`].
 pub async fn run_loop(
     stage: Arc<Mutex<Stage>>,
+    epoch: u64,
     upstream: Arc<Link>,
     downstream: Arc<Link>,
     received: Arc<LinkCounters>,
@@ -181,7 +217,10 @@ pub async fn run_loop(
         received.add(&frame);
         let out = match frame.kind {
             FrameKind::Control => Some(frame),
-            FrameKind::Hidden | FrameKind::Tokens => run_blocking(stage.clone(), frame).await,
+            FrameKind::Hidden | FrameKind::Tokens => match run_blocking(stage.clone(), frame, epoch).await {
+                Some(out) => Some(out),
+                None => break "the stage was reset for a new chain".to_string(),
+            },
         };
         if let Some(out) = out {
             if tx.send(out).await.is_err() {

@@ -1,0 +1,215 @@
+//! Streams survive losing a node: `baton serve` on loopback (f32 wire), five concurrent streams
+//! (four greedy, one seeded at temperature 0.8) run once undisturbed, then again while a worker is
+//! killed with SIGKILL, drained with `baton drain`, or a new worker is joined and the chain
+//! rebalanced. Every stream completes with exactly the undisturbed tokens, none repeated or lost.
+//! When the model no longer fits (the only worker killed), the streams end with an error naming the
+//! node and new requests are refused with the reason.
+
+mod common;
+
+#[path = "common/serve.rs"]
+mod serve;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use serve::{Serve, BATON};
+
+const MAX_TOKENS: u64 = 40;
+/// Tokens every stream has streamed before the disturbance: it hits them all mid-generation.
+const BEFORE: usize = 4;
+/// A whole run, pause included, on a loaded 2-core CI machine.
+const RUN_LIMIT: Duration = Duration::from_secs(420);
+
+fn requests() -> Vec<Value> {
+    let greedy = ["1, 2, 3, 4, 5, 6,", "Once upon a time, in a small village,", "def fibonacci(n):", "The history of Rome begins"];
+    let mut r: Vec<Value> = greedy.iter().map(|p| json!({"prompt": p, "max_tokens": MAX_TOKENS, "stream": true, "temperature": 0.0})).collect();
+    r.push(json!({"prompt": "My favourite food is", "max_tokens": MAX_TOKENS, "stream": true, "temperature": 0.8, "seed": 7}));
+    r
+}
+
+/// Sends [`requests`] (their ids start at `first_id`), calls `disturb` once every stream has
+/// streamed [`BEFORE`] tokens and none has finished, and returns each stream's tokens. Each final
+/// result must list exactly the tokens streamed before it.
+fn run(serve: &mut Serve, first_id: u64, disturb: impl FnOnce(&Serve)) -> Vec<Vec<u64>> {
+    let reqs = requests();
+    for r in &reqs {
+        serve.send(r.clone());
+    }
+    let n = reqs.len();
+    let mut streamed = vec![Vec::new(); n];
+    let mut done = vec![None; n];
+    let mut disturb = Some(disturb);
+    let deadline = Instant::now() + RUN_LIMIT;
+    while done.iter().any(Option::is_none) {
+        let v = serve.next(deadline.saturating_duration_since(Instant::now()));
+        let i = (v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}")) - first_id) as usize;
+        if let Some(e) = v.get("error") {
+            panic!("stream {i} failed: {e}");
+        }
+        if let Some(t) = v.get("token") {
+            streamed[i].push(t.as_u64().unwrap());
+        } else {
+            let tokens: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+            assert_eq!(tokens, streamed[i], "stream {i}: the result differs from what was streamed");
+            done[i] = Some(tokens);
+        }
+        if streamed.iter().all(|s| s.len() >= BEFORE) && disturb.is_some() {
+            assert!(done.iter().all(Option::is_none), "a stream finished before the disturbance: make the streams longer");
+            (disturb.take().unwrap())(serve);
+        }
+    }
+    assert!(disturb.is_none(), "the streams ended before the disturbance");
+    done.into_iter().map(Option::unwrap).collect()
+}
+
+fn kill(pid: u32) {
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill {pid}");
+}
+
+fn status(serve: &Serve) -> Value {
+    serde_json::from_str(&serve.baton(&["status", "--json"])).unwrap()
+}
+
+fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"].as_array().unwrap().iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+fn assert_same(undisturbed: &[Vec<u64>], disturbed: &[Vec<u64>], what: &str) {
+    for (i, (a, b)) in undisturbed.iter().zip(disturbed).enumerate() {
+        assert_eq!(a, b, "stream {i} {what}: tokens differ from the undisturbed run");
+    }
+}
+
+#[test]
+fn streams_resume_after_a_worker_is_killed() {
+    let mut serve = Serve::start(3, &common::smollm2(), &[]);
+    let pids = serve.worker_pids(3, Duration::from_secs(60));
+    let undisturbed = run(&mut serve, 0, |_| {});
+    let disturbed = run(&mut serve, 5, |_| kill(pids[1]));
+    assert_same(&undisturbed, &disturbed, "after worker-1 was killed");
+
+    let s = status(&serve);
+    assert_eq!(s["state"], "serving", "{s}");
+    assert_eq!(s["replans"], 1, "{s}");
+    let gone = node(&s, "worker-1");
+    assert_eq!((&gone["alive"], &gone["state"]), (&json!(false), &json!("gone")), "{gone}");
+    assert!(gone["detail"].as_str().unwrap().contains("health stream") || gone["detail"].as_str().unwrap().contains("unreachable"), "{gone}");
+    assert!(s["stages"].as_array().unwrap().iter().all(|st| st["node"] != "worker-1"), "{s}");
+    // New requests run on the rebuilt chain.
+    let again = run(&mut serve, 10, |_| {});
+    assert_same(&undisturbed, &again, "on the rebuilt chain");
+    serve.finish();
+}
+
+#[test]
+fn streams_resume_after_a_worker_is_drained_and_it_can_then_stop() {
+    let mut serve = Serve::start(2, &common::smollm2(), &[]);
+    let pids = serve.worker_pids(2, Duration::from_secs(60));
+    let undisturbed = run(&mut serve, 0, |_| {});
+    let disturbed = run(&mut serve, 5, |serve| {
+        let out = serve.baton(&["drain", "worker-0"]);
+        assert!(out.contains("worker-0 drained") && out.contains("5 stream(s) resumed"), "{out}");
+        // Out of the chain, it can be stopped without anyone noticing.
+        kill(pids[0]);
+    });
+    assert_same(&undisturbed, &disturbed, "across the drain");
+    let s = status(&serve);
+    assert_eq!((&s["state"], &s["replans"]), (&json!("serving"), &json!(1)), "{s}");
+    assert_eq!(node(&s, "worker-0")["state"], "drained", "{s}");
+    assert_eq!(s["stages"].as_array().unwrap().len(), 2, "head + worker-1: {s}");
+    serve.finish();
+}
+
+/// A `baton worker` process on loopback holding the head's cluster key; killed when dropped.
+struct Worker(Child, String);
+
+impl Worker {
+    fn start(serve: &Serve, dir: &std::path::Path) -> Worker {
+        let mut child = Command::new(BATON)
+            .args(["worker", "--listen", "127.0.0.1:0", "--no-mdns", "--name", "late-worker", "--state-dir"])
+            .arg(dir)
+            .arg("--key-file")
+            .arg(serve.state_dir().join("cluster.key"))
+            .env("BATON_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+            let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).ok().flatten().expect("the worker came up");
+        let control = line.split_whitespace().find_map(|f| f.strip_prefix("control=")).unwrap().to_string();
+        Worker(child, control)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_joined_worker_is_used_at_the_rebalance_and_streams_resume() {
+    let mut serve = Serve::start(1, &common::smollm2(), &[]);
+    serve.worker_pids(1, Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let late = Worker::start(&serve, dir.path());
+    let undisturbed = run(&mut serve, 0, |_| {});
+
+    let out = serve.baton(&["join", &late.1]);
+    assert!(out.contains("late-worker") && out.contains("next re-plan"), "{out}");
+    let s = status(&serve);
+    assert_eq!(node(&s, "late-worker")["state"], "spare", "{s}");
+    assert_eq!(s["stages"].as_array().unwrap().len(), 2, "not used before the re-plan: {s}");
+
+    let disturbed = run(&mut serve, 5, |serve| {
+        let out = serve.baton(&["rebalance"]);
+        assert!(out.contains("5 stream(s) resumed"), "{out}");
+    });
+    assert_same(&undisturbed, &disturbed, "across the rebalance");
+    let s = status(&serve);
+    assert_eq!(node(&s, "late-worker")["state"], "serving", "{s}");
+    assert_eq!(s["stages"].as_array().unwrap().len(), 3, "head + worker-0 + late-worker: {s}");
+    serve.finish();
+}
+
+#[test]
+fn when_the_model_no_longer_fits_streams_end_with_the_reason() {
+    let mut serve = Serve::start(1, &common::smollm2(), &[]);
+    let pids = serve.worker_pids(1, Duration::from_secs(60));
+    serve.send(json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "stream": true}));
+    let first = serve.next(Duration::from_secs(120));
+    assert!(first.get("token").is_some(), "expected a streamed token, got {first}");
+
+    kill(pids[0]);
+    let killed = Instant::now();
+    let end = loop {
+        let v = serve.next(Duration::from_secs(20));
+        if v.get("token").is_none() {
+            break v;
+        }
+    };
+    let error = end["error"].as_str().unwrap_or_else(|| panic!("expected an error, got {end}"));
+    assert!(killed.elapsed() < Duration::from_secs(10), "the stream ended {:?} after the kill", killed.elapsed());
+    assert!(error.contains("worker-0") && error.contains("no worker is left"), "unclear error: {error}");
+
+    // The head stays up and refuses new requests with the reason.
+    assert!(serve.child.try_wait().unwrap().is_none(), "the head exited");
+    serve.send(json!({"prompt": "Hello", "max_tokens": 4}));
+    let next = serve.next(Duration::from_secs(10));
+    assert!(next["error"].as_str().is_some_and(|e| e.contains("no worker is left")), "got {next}");
+
+    let text = serve.baton(&["status"]);
+    let line = text.lines().find(|l| l.starts_with("worker-0")).unwrap_or_else(|| panic!("no worker-0 in status:\n{text}"));
+    assert!(line.contains("gone"), "status line: {line}");
+    serve.finish();
+}
