@@ -3,10 +3,13 @@
 //! killed with SIGKILL, drained with `baton drain`, or a new worker is joined and the chain
 //! rebalanced. Every stream completes with exactly the undisturbed tokens, none repeated or lost.
 //! When the model no longer fits (the only worker killed), the streams end with an error naming the
-//! node and new requests are refused with the reason.
+//! node and new requests are refused with the reason. Across network namespaces (root only), the
+//! same streams survive a worker killed and then a host that drops off the network.
 
 mod common;
 
+#[path = "common/netns.rs"]
+mod netns;
 #[path = "common/serve.rs"]
 mod serve;
 
@@ -212,4 +215,49 @@ fn when_the_model_no_longer_fits_streams_end_with_the_reason() {
     let line = text.lines().find(|l| l.starts_with("worker-0")).unwrap_or_else(|| panic!("no worker-0 in status:\n{text}"));
     assert!(line.contains("gone"), "status line: {line}");
     serve.finish();
+}
+
+#[test]
+fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
+    if !netns::can_run() {
+        return;
+    }
+    let model = common::smollm2();
+    let net = netns::Net::build();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
+        std::io::Write::write_all(&mut f, "6b".repeat(32).as_bytes()).unwrap();
+    }
+    let workers: Vec<netns::Proc> = (1..=3).map(|i| netns::start_worker(&net, i, dir.path(), &key)).collect();
+    let endpoints: Vec<String> = (1..=3).map(|i| format!("{}:8422", netns::Net::addr(i))).collect();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &net.ns("head"), BATON, "head", "--stdin", "--wire-dtype", "f32", "--transport", "tcp", "--name", "head"])
+        .args(["--workers", &endpoints.join(",")])
+        .arg("--model")
+        .arg(&model)
+        .arg("--key-file")
+        .arg(&key);
+    let mut head = Serve::spawn(cmd, tempfile::tempdir().unwrap());
+
+    let undisturbed = run(&mut head, 0, |_| {});
+    let killed = run(&mut head, 5, |_| kill(workers[1].0.id()));
+    assert_same(&undisturbed, &killed, "after worker-2 was killed");
+    // No packet of worker-1 arrives any more and none of its connections is reset: the head
+    // notices the silence (3 s without heartbeats) and goes on with worker-3 alone.
+    let unplugged = run(&mut head, 10, |_| net.unplug(1));
+    assert_same(&undisturbed, &unplugged, "after worker-1 dropped off the network");
+
+    let s = status(&head);
+    assert_eq!((&s["state"], &s["replans"]), (&json!("serving"), &json!(2)), "{s}");
+    for (name, why) in [("worker-2", "health stream"), ("worker-1", "")] {
+        let n = node(&s, name);
+        assert_eq!(n["state"], "gone", "{n}");
+        assert!(n["detail"].as_str().unwrap().contains(why), "{n}");
+    }
+    let stages: Vec<&str> = s["stages"].as_array().unwrap().iter().map(|st| st["node"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["head", "worker-3"], "{s}");
+    head.finish();
 }

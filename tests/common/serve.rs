@@ -21,11 +21,17 @@ impl Serve {
     /// `baton serve --stdin --wire-dtype f32 --workers N --model M` plus `extra` arguments.
     pub fn start(workers: usize, model: &PathBuf, extra: &[&str]) -> Serve {
         let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(BATON)
-            .args(["serve", "--stdin", "--wire-dtype", "f32", "--workers", &workers.to_string()])
+        let mut cmd = Command::new(BATON);
+        cmd.args(["serve", "--stdin", "--wire-dtype", "f32", "--workers", &workers.to_string()])
             .args(extra)
             .arg("--model")
-            .arg(model)
+            .arg(model);
+        Serve::spawn(cmd, state)
+    }
+
+    /// Runs `cmd` (a `baton serve --stdin` or `baton head --stdin`) with `--state-dir state`.
+    pub fn spawn(mut cmd: Command, state: tempfile::TempDir) -> Serve {
+        let mut child = cmd
             .arg("--state-dir")
             .arg(state.path())
             .env("BATON_LOG", "warn")
