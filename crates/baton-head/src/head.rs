@@ -642,6 +642,10 @@ impl Head {
                     let resumed = self.install(m, built, &workers).await;
                     self.inner.replans.fetch_add(1, Ordering::Relaxed);
                     let pause = paused.elapsed();
+                    self.update_status(|s| {
+                        s.resumed_sequences += resumed as u64;
+                        s.last_pause_ms = pause.as_millis() as u64;
+                    });
                     tracing::info!("chain {} serving after a {:.0} ms pause; {resumed} stream(s) resumed", m.epoch, pause.as_secs_f64() * 1e3);
                     return Ok(Replanned { stages, resumed, pause });
                 }

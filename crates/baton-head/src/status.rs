@@ -21,6 +21,12 @@ pub struct ClusterStatus {
     /// Chains built after the first.
     #[serde(default)]
     pub replans: u64,
+    /// Streams that paused and continued on a rebuilt chain, over the head's life.
+    #[serde(default)]
+    pub resumed_sequences: u64,
+    /// How long the last re-plan paused the streams, in milliseconds.
+    #[serde(default)]
+    pub last_pause_ms: u64,
     pub updated_unix_ms: u64,
     /// How the layers were placed (planner or even split) and why.
     pub placement: String,
