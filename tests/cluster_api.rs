@@ -2,8 +2,8 @@
 //! loopback, f32 wire), driven over HTTP. Greedy streams under concurrency (different prompt
 //! lengths, staggered arrivals, chunked prefill, several sequences per micro-batch) equal their
 //! solo output; KV returns to its baseline on every stage; logprobs come through the chain; a full
-//! queue answers 429; a client that disconnects frees its sequence everywhere. Skipped (with a
-//! message) when SmolLM2 is not fetched.
+//! queue answers 429; a client that disconnects frees its sequence everywhere; a stream goes on
+//! through a worker's death and `/metrics` names the node that was lost.
 
 mod common;
 
@@ -24,6 +24,8 @@ const LIMIT: Duration = Duration::from_secs(300);
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// The worker processes' pids, in worker order.
+    workers: Vec<u32>,
     _state: tempfile::TempDir,
 }
 
@@ -46,6 +48,7 @@ impl Server {
             .spawn()
             .unwrap();
         let (tx, rx): (_, Receiver<String>) = channel();
+        let (ptx, pids) = channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -53,10 +56,15 @@ impl Server {
                 if let Some(url) = line.strip_prefix("BATON_API_READY http://") {
                     let _ = tx.send(url.to_string());
                 }
+                if let Some(rest) = line.strip_prefix("serve: worker-") {
+                    let _ = ptx.send(rest.split_whitespace().nth(2).unwrap().parse::<u32>().unwrap());
+                }
             }
         });
         let addr = rx.recv_timeout(LIMIT).expect("serve did not report its API address in time").parse().unwrap();
-        Server { child, addr, _state: state }
+        // Both workers are up before the API is.
+        let workers = pids.try_iter().collect();
+        Server { child, addr, workers, _state: state }
     }
 }
 
@@ -304,4 +312,44 @@ fn a_client_that_disconnects_frees_its_sequence_on_every_stage() {
     wait_for_kv(addr, &baseline);
     let generated = series(&metrics(addr), "baton_api_generated_tokens_total");
     assert!(generated[0].1 < 900.0, "the generation ran on after the disconnect: {generated:?}");
+}
+
+#[test]
+fn a_stream_goes_on_through_a_worker_death_and_metrics_name_the_node() {
+    let model = common::smollm2();
+    let srv = Server::start(&model, &[]);
+    let addr = srv.addr;
+    assert_eq!(srv.workers.len(), 2, "worker pids from serve's stderr");
+    let body = json!({"model": "smollm2", "prompt": "Once upon a time, in a small village,", "max_tokens": 40, "temperature": 0, "stream": true});
+    let (status, solo) = request(addr, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200);
+    let up = metrics(addr);
+    assert_eq!(series(&up, "baton_node_up").iter().filter(|(_, v)| *v == 1.0).count(), 3, "head + 2 workers up:\n{up}");
+
+    let mut s = send(addr, "POST", "/v1/completions", Some(&body));
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(6).filter(|w| w == b"data: ").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(unsafe { libc::kill(srv.workers[0] as i32, libc::SIGKILL) }, 0);
+    s.read_to_end(&mut seen).unwrap();
+    let split = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let streamed = dechunk(&seen[split + 4..]);
+    assert!(!String::from_utf8_lossy(&streamed).contains("\"error\""), "{}", String::from_utf8_lossy(&streamed));
+    assert_eq!(sse_text(&streamed), sse_text(&solo), "the stream differs from the undisturbed one");
+
+    let m = metrics(addr);
+    let node = |name: &str, labels: &str| series(&m, name).into_iter().find(|(l, _)| l == labels).map(|(_, v)| v);
+    assert_eq!(node("baton_node_up", "{node=\"worker-0\"}"), Some(0.0), "{m}");
+    assert_eq!(node("baton_node_state", "{node=\"worker-0\",state=\"gone\"}"), Some(1.0), "{m}");
+    assert_eq!(node("baton_node_state", "{node=\"worker-0\",state=\"serving\"}"), Some(0.0), "{m}");
+    assert_eq!(node("baton_node_losses_total", "{node=\"worker-0\"}"), Some(1.0), "{m}");
+    assert_eq!(node("baton_node_up", "{node=\"worker-1\"}"), Some(1.0), "{m}");
+    assert_eq!(node("baton_cluster_replans_total", ""), Some(1.0), "{m}");
+    assert_eq!(node("baton_resumed_sequences_total", ""), Some(1.0), "{m}");
+    let (status, _) = request(addr, "GET", "/ready", None);
+    assert_eq!(status, 200, "the cluster serves on head + worker-1");
 }
