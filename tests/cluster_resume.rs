@@ -1,7 +1,7 @@
 //! Streams survive losing a node: `baton serve` on loopback (f32 wire), five concurrent streams
 //! (four greedy, one seeded at temperature 0.8) run once undisturbed, then again while a worker is
 //! killed with SIGKILL, drained with `baton drain`, or a new worker is joined and the chain
-//! rebalanced. Every stream completes with exactly the undisturbed tokens, none repeated or lost.
+//! rebalanced (and rebalanced again, keeping every shard). Every stream completes with exactly the undisturbed tokens, none repeated or lost.
 //! When the model no longer fits (the only worker killed), the streams end with an error naming the
 //! node and new requests are refused with the reason. Across network namespaces (root only), the
 //! same streams survive a worker killed and then a host that drops off the network.
@@ -182,6 +182,13 @@ fn a_joined_worker_is_used_at_the_rebalance_and_streams_resume() {
     let s = status(&serve);
     assert_eq!(node(&s, "late-worker")["state"], "serving", "{s}");
     assert_eq!(s["stages"].as_array().unwrap().len(), 3, "head + worker-0 + late-worker: {s}");
+
+    // Nothing changed since: a re-plan keeps every shard and only re-prefills the streams.
+    let again = run(&mut serve, 10, |serve| {
+        let out = serve.baton(&["rebalance"]);
+        assert_eq!(out.matches("(kept)").count(), 3, "{out}");
+    });
+    assert_same(&undisturbed, &again, "across a rebalance that kept every shard");
     serve.finish();
 }
 
@@ -260,4 +267,30 @@ fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
     let stages: Vec<&str> = s["stages"].as_array().unwrap().iter().map(|st| st["node"].as_str().unwrap()).collect();
     assert_eq!(stages, ["head", "worker-3"], "{s}");
     head.finish();
+}
+
+#[test]
+fn with_rebalance_when_idle_a_joined_worker_is_taken_in_once_no_request_runs() {
+    let mut serve = Serve::start(1, &common::smollm2(), &["--rebalance-when-idle"]);
+    serve.worker_pids(1, Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let late = Worker::start(&serve, dir.path());
+    let undisturbed = run(&mut serve, 0, |_| {});
+    // Joined while streams run: the head waits for them to finish, then re-plans on its own.
+    let during = run(&mut serve, 5, |serve| {
+        let out = serve.baton(&["join", &late.1]);
+        assert!(out.contains("once no request runs"), "{out}");
+        assert_eq!(status(serve)["replans"], 0, "re-planned under load");
+    });
+    assert_same(&undisturbed, &during, "while a worker joined");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&serve)["replans"] != 1 {
+        assert!(Instant::now() < deadline, "no re-plan once idle: {}", status(&serve));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = status(&serve);
+    assert_eq!(node(&s, "late-worker")["state"], "serving", "{s}");
+    assert_eq!(s["stages"].as_array().unwrap().len(), 3, "{s}");
+    assert_same(&undisturbed, &run(&mut serve, 10, |_| {}), "on the rebalanced chain");
+    serve.finish();
 }

@@ -201,7 +201,7 @@ pub struct Head {
 /// What a re-plan did, for the operator.
 #[derive(Debug, Clone, Default)]
 pub struct Replanned {
-    /// `"<index> <node> <start>..<end>"` per stage.
+    /// `"<index> <node> <start>..<end> (<where its weights came from>)"` per stage.
     pub stages: Vec<String>,
     /// Streams that paused and continue on the new chain.
     pub resumed: usize,
@@ -260,6 +260,11 @@ fn hello_request(cfg: &HeadConfig) -> pb::HelloRequest {
         protocol: Some(worker_protocol()),
         cluster_id: cfg.key.cluster_id(),
     }
+}
+
+/// `"<index> <node> <layers> (<source>)"`, as the operator commands print it.
+fn stage_line(s: &StageStatus) -> String {
+    format!("{} {} {} ({})", s.index, s.node, s.layers, s.source)
 }
 
 /// A worker's line in the status, in `state`.
@@ -436,10 +441,10 @@ impl Head {
         let layers = |r: &Range<usize>| format!("{}..{}", r.start, r.end);
         let mut stages = Vec::new();
         if let Some(r) = &local_range {
-            stages.push(StageStatus { index: 0, node: cfg.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+            stages.push(StageStatus { index: 0, node: cfg.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end), source: String::new() });
         }
         for (w, r) in workers.iter().zip(worker_ranges) {
-            stages.push(StageStatus { index: stages.len(), node: w.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end) });
+            stages.push(StageStatus { index: stages.len(), node: w.name.clone(), layers: layers(r), weight_bytes: manifest.stage_weight_bytes(r.start, r.end), source: String::new() });
         }
 
         // Load every shard at once: the head's own on a blocking thread, the workers' remotely.
@@ -447,16 +452,16 @@ impl Head {
         let previous = m.local.take();
         let local_load = local_range.clone().map(|r| {
             let (path, device, wire) = (cfg.model.clone(), cfg.device.clone(), cfg.wire);
-            tokio::task::spawn_blocking(move || -> Result<(LocalShard, u64)> {
+            tokio::task::spawn_blocking(move || -> Result<(LocalShard, u64, &'static str)> {
                 if let Some(p) = previous.filter(|p| p.range == r) {
                     let epoch = p.stage.lock().map_err(|_| HeadError::Config("stage 0 poisoned".into()))?.reset(wire);
                     tracing::info!("stage 0: layers {}..{} kept", r.start, r.end);
-                    return Ok((p, epoch));
+                    return Ok((p, epoch, "kept"));
                 }
                 let source = ModelSource::open(&path)?;
                 let stage = Stage::new(Shard::load(&source, r.clone(), &device)?, wire);
                 let epoch = stage.epoch();
-                Ok((LocalShard { range: r, stage: Arc::new(Mutex::new(stage)) }, epoch))
+                Ok((LocalShard { range: r, stage: Arc::new(Mutex::new(stage)) }, epoch, "local"))
             })
         });
         let mut remote = tokio::task::JoinSet::new();
@@ -481,10 +486,12 @@ impl Head {
             let (i, m) = done.map_err(|e| HeadError::Config(format!("load task: {e}")))?;
             let m = m?;
             tracing::info!("{}: layers {} loaded ({} MiB, {})", workers[i].name, m.layers.unwrap_or_default(), m.weight_bytes >> 20, m.source);
+            stages[i + usize::from(cfg.local_stage)].source = m.source;
         }
         let (local, local_epoch) = match local_load {
             Some(t) => {
-                let (l, e) = t.await.map_err(|e| HeadError::Config(format!("load task: {e}")))??;
+                let (l, e, source) = t.await.map_err(|e| HeadError::Config(format!("load task: {e}")))??;
+                stages[0].source = source.into();
                 (Some(l), e)
             }
             None => (None, 0),
@@ -638,7 +645,7 @@ impl Head {
             let workers = m.pool.clone();
             match self.build(m, &workers).await {
                 Ok(built) => {
-                    let stages = built.stages.iter().map(|s| format!("{} {} {}", s.index, s.node, s.layers)).collect();
+                    let stages = built.stages.iter().map(stage_line).collect();
                     let resumed = self.install(m, built, &workers).await;
                     self.inner.replans.fetch_add(1, Ordering::Relaxed);
                     let pause = paused.elapsed();
@@ -812,7 +819,7 @@ impl Head {
     }
 
     fn stage_lines(&self) -> Vec<String> {
-        self.status().stages.iter().map(|s| format!("{} {} {}", s.index, s.node, s.layers)).collect()
+        self.status().stages.iter().map(stage_line).collect()
     }
 
     pub fn status(&self) -> ClusterStatus {

@@ -757,6 +757,37 @@ mod tests {
     }
 
     #[test]
+    fn a_rewound_sequence_replays_its_context_then_feeds_its_last_token() {
+        // Prompt of 5, tokens 100, 101, 102 streamed; 102 was in flight when the chain broke.
+        let mut seqs = HashMap::from([(1, seq(5, 5, 0, None, 0))]);
+        let s = seqs.get_mut(&1).unwrap();
+        s.emitted = vec![100, 101, 102];
+        s.in_flight = 1;
+        s.rewind();
+        assert!(s.phase == Phase::Opening && s.in_flight == 0 && !s.prefilled());
+        assert_eq!((&s.context[5..], s.next), (&[100, 101][..], Some(102)));
+        s.phase = Phase::Running;
+        // The prompt and the streamed tokens but the last go in as prefill, in chunks...
+        let (chunks, ids, prefill) = pack(&mut seqs, &cfg(8, 4, 1), 1, true).unwrap();
+        assert_eq!((shape(&chunks), prefill), (vec![(1, 0, 4)], true));
+        assert_eq!(ids, [0, 1, 2, 3]);
+        seqs.get_mut(&1).unwrap().in_flight = 0;
+        let (chunks, ids, _) = pack(&mut seqs, &cfg(8, 4, 1), 2, true).unwrap();
+        assert_eq!((shape(&chunks), ids), (vec![(1, 4, 3)], vec![4, 100, 101]));
+        seqs.get_mut(&1).unwrap().in_flight = 0;
+        // ...then the last streamed token is the next decode step, at the position it had.
+        let (chunks, ids, prefill) = pack(&mut seqs, &cfg(8, 4, 1), 3, true).unwrap();
+        assert_eq!((shape(&chunks), ids, prefill), (vec![(1, 7, 1)], vec![102], false));
+    }
+
+    #[test]
+    fn a_sequence_rewound_before_its_first_token_starts_over() {
+        let mut s = seq(6, 4, 0, None, 0);
+        s.rewind();
+        assert_eq!((s.context.len(), s.sent, s.next), (6, 0, None));
+    }
+
+    #[test]
     fn prompts_share_the_prefill_budget_in_arrival_order() {
         let mut seqs = HashMap::from([(7, seq(10, 0, 0, None, 0)), (4, seq(3, 0, 0, None, 0)), (9, seq(30, 0, 0, None, 0))]);
         let (chunks, ids, _) = pack(&mut seqs, &cfg(8, 16, 2), 1, true).unwrap();

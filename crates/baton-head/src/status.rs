@@ -68,6 +68,10 @@ pub struct StageStatus {
     pub node: String,
     pub layers: String,
     pub weight_bytes: u64,
+    /// Where its weights came from at the last plan: `kept` (already loaded, unchanged), `local`
+    /// (the node's own file), `cache` or `pushed` (by the head).
+    #[serde(default)]
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -498,7 +498,7 @@ impl Worker for WorkerService {
             let mut p = progress(pb::LoadPhase::Ready, format!("layers {layers} already loaded"));
             p.bytes_done = manifest.weight_bytes;
             p.bytes_total = manifest.weight_bytes;
-            p.result = Some(pb::load_progress::Result::Manifest(pb::ShardManifest { source: "already loaded".into(), ..manifest }));
+            p.result = Some(pb::load_progress::Result::Manifest(pb::ShardManifest { source: "kept".into(), ..manifest }));
             let _ = tx.send(Ok(p)).await;
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
