@@ -620,7 +620,6 @@ impl Head {
                 return;
             }
             let _ = head.inner.scheduler.tx.send(Msg::Suspend { epoch, why: why.clone() });
-            head.update_status(|s| s.state = format!("recovering: {why}"));
             let mut m = head.inner.members.lock().await;
             // Several signals report one loss (the health stream, the links on either side): the
             // first rebuilds, the others find a newer chain.
@@ -628,6 +627,7 @@ impl Head {
                 return;
             }
             tracing::warn!("chain {epoch} broke: {why}; rebuilding");
+            head.update_status(|s| s.state = format!("recovering: {why}"));
             let _ = head.replan(&mut m).await;
         });
     }
