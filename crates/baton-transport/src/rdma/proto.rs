@@ -86,6 +86,8 @@ pub enum SlotError {
     Fragments(usize),
     #[error("reassembled message exceeds {0} bytes")]
     TooLarge(usize),
+    #[error("messages waiting for an earlier one exceed {0} bytes")]
+    TooFarAhead(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,14 +273,29 @@ struct RxClass {
 pub struct Rx {
     classes: [RxClass; N_CLASSES],
     ready: BTreeMap<u64, Bytes>,
+    /// What `ready` holds, each message counted as at least one control slot.
+    ready_bytes: usize,
     next_deliver: u64,
     max_message: usize,
     pub discarded: u64,
 }
 
+/// What a message waiting in `ready` costs: its bytes, and at least the slot it came in, so that
+/// many tiny messages count too.
+fn ready_cost(msg: &Bytes) -> usize {
+    msg.len().max(CLASSES[0].slot_bytes)
+}
+
 impl Rx {
     pub fn new(max_message: usize) -> Self {
-        Rx { classes: Default::default(), ready: BTreeMap::new(), next_deliver: 0, max_message, discarded: 0 }
+        Rx { classes: Default::default(), ready: BTreeMap::new(), ready_bytes: 0, next_deliver: 0, max_message, discarded: 0 }
+    }
+
+    /// Most that messages ahead of an undelivered one may hold: a sender fills one message at a
+    /// time, so only what it sent while an earlier slot was being repaired can be ahead, but
+    /// nothing stops a peer from sending `msg_seq` far ahead and never the messages between.
+    fn max_ready(&self) -> usize {
+        self.max_message.saturating_mul(2)
     }
 
     pub fn acks(&self) -> [u64; N_CLASSES] {
@@ -322,9 +339,14 @@ impl Rx {
         if h.flags & FLAG_LAST != 0 {
             c.partial_msg = None;
             let msg = c.partial.split().freeze();
+            let cost = ready_cost(&msg);
+            if self.ready_bytes + cost > self.max_ready() {
+                return Err(SlotError::TooFarAhead(self.max_ready()));
+            }
             if h.msg_seq < self.next_deliver || self.ready.insert(h.msg_seq, msg).is_some() {
                 return Err(SlotError::Fragments(class));
             }
+            self.ready_bytes += cost;
         }
         Ok(RxAction::None)
     }
@@ -332,6 +354,7 @@ impl Rx {
     /// The next message in link order, if it has arrived.
     pub fn pop(&mut self) -> Option<Bytes> {
         let m = self.ready.remove(&self.next_deliver)?;
+        self.ready_bytes -= ready_cost(&m);
         self.next_deliver += 1;
         Some(m)
     }
@@ -383,6 +406,29 @@ mod tests {
         rx.on_slot(2, &big, b"z").unwrap();
         assert_eq!(rx.pop(), Some(Bytes::from_static(b"small")));
         assert_eq!(rx.pop(), Some(Bytes::from_static(b"xyz")));
+    }
+
+    #[test]
+    fn messages_far_ahead_of_a_missing_one_are_bounded() {
+        let max_message = 64 << 10;
+        let mut rx = Rx::new(max_message);
+        // Message 0 never comes; each later one waits for it, counted as at least a 4 KiB slot.
+        let mut held = 0;
+        let err = loop {
+            match rx.on_slot(0, &h(held, held + 1, 3), b"x") {
+                Ok(_) => held += 1,
+                Err(e) => break e,
+            }
+            assert!(held < 1 << 20, "a million messages held and no refusal");
+        };
+        assert_eq!(err, SlotError::TooFarAhead(2 * max_message));
+        assert_eq!(held as usize, 2 * max_message / CLASSES[0].slot_bytes);
+        // Delivered messages free their share.
+        let mut rx = Rx::new(max_message);
+        for m in 0..1000 {
+            rx.on_slot(0, &h(m, m, 3), b"x").unwrap();
+            assert_eq!(rx.pop(), Some(Bytes::from_static(b"x")));
+        }
     }
 
     #[test]
