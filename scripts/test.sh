@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for step in scripts/transport-ci.sh scripts/cluster-ci.sh; do
+for step in scripts/transport-ci.sh scripts/proto-fuzz.sh scripts/cluster-ci.sh; do
     echo "== $step"
     bash "$step"
 done

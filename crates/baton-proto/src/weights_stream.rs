@@ -44,6 +44,8 @@ pub enum StreamError {
     DigestMismatch { name: String },
     #[error("resume offsets: {0}")]
     BadResume(String),
+    #[error("weight set's tensors add up to more than {} bytes", u64::MAX)]
+    TooLarge,
 }
 
 /// A [`pb::TensorInfo`] for `bytes`, with its digest.
@@ -150,6 +152,15 @@ impl Receiver {
                 });
             }
         }
+        // Byte counts are summed over the set (progress, completeness), which must not overflow.
+        if set
+            .tensors
+            .iter()
+            .try_fold(0u64, |sum, t| sum.checked_add(t.size))
+            .is_none()
+        {
+            return Err(StreamError::TooLarge);
+        }
         let n = set.tensors.len();
         Ok(Receiver {
             set,
@@ -253,6 +264,7 @@ impl Receiver {
         self.have.iter().sum()
     }
 
+    /// Fits in u64: [`Receiver::new`] refuses larger sets.
     pub fn bytes_total(&self) -> u64 {
         self.set.tensors.iter().map(|t| t.size).sum()
     }
@@ -450,6 +462,22 @@ mod tests {
             vec![],
         );
         assert_eq!(rx.accept(&empty).unwrap_err(), StreamError::ChunkSize(0));
+    }
+
+    /// Two tensors of 2^63 bytes made `bytes_total` overflow: a panic (overflow checks on) in the
+    /// worker's `PushWeights` handler, reproduced through the `control_messages` fuzz target.
+    #[test]
+    fn a_set_larger_than_u64_bytes_is_refused() {
+        let mut set = set_of(&[vec![1], vec![2]]);
+        for t in &mut set.tensors {
+            t.size = 1 << 63;
+        }
+        assert_eq!(
+            Receiver::new(set.clone()).map(|rx| rx.bytes_total()).unwrap_err(),
+            StreamError::TooLarge
+        );
+        set.tensors[1].size -= 1;
+        assert_eq!(Receiver::new(set).unwrap().bytes_total(), u64::MAX);
     }
 
     #[test]
