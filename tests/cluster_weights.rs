@@ -270,7 +270,10 @@ fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches
     );
     assert!(shards[0].path().join("shard.gguf").exists());
 
-    // The next start finds the shard in worker-b's cache: nothing is pushed.
+    // A restarted worker-b finds the shard in its cache: nothing is pushed. worker-a, still
+    // running, keeps the shard it holds for the next head.
+    drop(b);
+    let b = start_worker("worker-b", &dir.path().join("b"), &key);
     let (out, err) = head(
         &format!("{},{}", a.1, b.1),
         dir.path(),
@@ -287,5 +290,10 @@ fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches
     assert!(
         !err.contains("pushing layers"),
         "weights were pushed again:\n{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("worker-a: layers") && l.contains("kept")),
+        "worker-a did not keep its loaded shard:\n{err}"
     );
 }

@@ -47,6 +47,7 @@ impl HeadService for Operator {
 pub async fn serve(head: Head, listener: tokio::net::TcpListener, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), tonic::transport::Error> {
     let incoming = head.security().incoming(listener);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(baton_worker::service::MAX_CONCURRENT_STREAMS)
         .add_service(baton_proto::head_server(Operator { head }))
         .serve_with_incoming_shutdown(incoming, stop)
         .await

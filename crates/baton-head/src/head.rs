@@ -45,6 +45,13 @@ use crate::status::{ClusterStatus, LinkStatus, NodeStatus, StageStatus};
 /// Attempts at rebuilding the chain after a loss before the head gives up (each one first finds
 /// out again which workers answer, so a second loss during a rebuild is survived too).
 const REPLAN_ATTEMPTS: usize = 3;
+/// Least time between building a chain and rebuilding it after a loss.
+const REBUILD_SPACING: Duration = Duration::from_secs(1);
+/// A worker that does not answer `Hello` within this is refused.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A `LoadShard` that reports nothing for this long is given up (a worker reports at least every
+/// 10 s while it reads weights; a push in progress is not waiting on it).
+const LOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(40);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
@@ -169,6 +176,8 @@ struct Membership {
     epoch: u64,
     /// The current chain's receiver and health watchers, stopped when it is replaced.
     tasks: Vec<JoinHandle<()>>,
+    /// When the current chain went into use.
+    installed: Instant,
 }
 
 /// What the model looks like to the planner and to weight pushes.
@@ -293,9 +302,9 @@ async fn hello(endpoint: &str, cfg: &HeadConfig, security: &baton_proto::Control
         baton_proto::SecureError::Refused(why) => werr(format!("refused: it does not hold this cluster's key ({why})")),
         e => werr(format!("cannot connect: {e}")),
     })?;
-    let reply = client
-        .hello(hello_request(cfg))
+    let reply = tokio::time::timeout(HELLO_TIMEOUT, client.hello(hello_request(cfg)))
         .await
+        .map_err(|_| werr(format!("no answer to hello within {HELLO_TIMEOUT:?}")))?
         .map_err(|s| werr(format!("refused: {}", s.message())))?
         .into_inner();
     baton_proto::negotiate(&worker_protocol(), &reply.protocol.unwrap_or_default()).map_err(|e| werr(e.to_string()))?;
@@ -315,9 +324,17 @@ struct PushFrom {
 /// the weights when the worker waits for them.
 async fn load_remote(w: &WorkerHandle, req: pb::LoadShardRequest, mut push: Option<PushFrom>) -> Result<pb::ShardManifest> {
     let werr = |message: String| HeadError::Worker { worker: format!("{} ({})", w.name, w.endpoint), message };
-    let mut stream = w.client.clone().load_shard(req).await.map_err(|s| werr(s.message().to_string()))?.into_inner();
-    while let Some(p) = stream.next().await {
-        let p = p.map_err(|s| werr(format!("load stream: {}", s.message())))?;
+    let mut stream = tokio::time::timeout(LOAD_IDLE_TIMEOUT, w.client.clone().load_shard(req))
+        .await
+        .map_err(|_| werr(format!("no answer to the load within {LOAD_IDLE_TIMEOUT:?}")))?
+        .map_err(|s| werr(s.message().to_string()))?
+        .into_inner();
+    loop {
+        let p = match tokio::time::timeout(LOAD_IDLE_TIMEOUT, stream.next()).await {
+            Ok(Some(p)) => p.map_err(|s| werr(format!("load stream: {}", s.message())))?,
+            Ok(None) => break,
+            Err(_) => return Err(werr(format!("no load progress for {LOAD_IDLE_TIMEOUT:?}"))),
+        };
         tracing::info!("{}: {:?} {}", w.name, p.phase(), p.message);
         if p.phase() == pb::LoadPhase::AwaitingWeights {
             let from = push.take().ok_or_else(|| werr("asked twice for weights".into()))?;
@@ -405,7 +422,7 @@ impl Head {
                 link_cfg,
                 scheduler: handle.clone(),
                 status: Mutex::new(status),
-                members: tokio::sync::Mutex::new(Membership { pool, chain: Vec::new(), local: None, epoch: 0, tasks: Vec::new() }),
+                members: tokio::sync::Mutex::new(Membership { pool, chain: Vec::new(), local: None, epoch: 0, tasks: Vec::new(), installed: Instant::now() }),
                 epoch: AtomicU64::new(0),
                 replans: AtomicU64::new(0),
                 losses: Mutex::default(),
@@ -583,6 +600,7 @@ impl Head {
             t.abort();
         }
         m.epoch = epoch;
+        m.installed = Instant::now();
         m.chain = workers.iter().map(|w| w.endpoint.clone()).collect();
         m.local = built.local;
         self.inner.epoch.store(epoch, Ordering::SeqCst);
@@ -628,6 +646,11 @@ impl Head {
             }
             tracing::warn!("chain {epoch} broke: {why}; rebuilding");
             head.update_status(|s| s.state = format!("recovering: {why}"));
+            // A chain that breaks as soon as it is built (a worker that keeps breaking it) is
+            // rebuilt at most once per REBUILD_SPACING, not as fast as it breaks.
+            if let Some(wait) = REBUILD_SPACING.checked_sub(m.installed.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
             let _ = head.replan(&mut m).await;
         });
     }
@@ -877,7 +900,7 @@ impl Head {
                 FrameKind::Control => Err(parse_failure(&frame).to_string()),
                 FrameKind::Hidden => Err("the last stage sent hidden states instead of tokens".into()),
             };
-            if self.inner.scheduler.tx.send(Msg::Returned { micro_batch: frame.micro_batch, result }).is_err() {
+            if self.inner.scheduler.tx.send(Msg::Returned { micro_batch: frame.micro_batch, result, in_order: true }).is_err() {
                 return;
             }
         }

@@ -61,6 +61,9 @@ pub async fn push_shard(
                 .map_err(|s| s.message().to_string())?
                 .into_inner()
                 .have;
+            // Validated first: the worker's offsets could be anything, their sum included.
+            let spans =
+                plan_chunks(&sizes, &have, DEFAULT_CHUNK_BYTES).map_err(|e| e.to_string())?;
             let held: u64 = have.iter().sum();
             if held == total {
                 return Ok(true);
@@ -72,8 +75,6 @@ pub async fn push_shard(
                     total >> 20
                 );
             }
-            let spans =
-                plan_chunks(&sizes, &have, DEFAULT_CHUNK_BYTES).map_err(|e| e.to_string())?;
             let (tx, rx) = mpsc::channel(4);
             let begin = pb::WeightsPush {
                 item: Some(pb::weights_push::Item::Begin(weights.set.clone())),

@@ -42,6 +42,9 @@ use tonic::transport::Channel;
 /// wait includes the forward in progress (a long prefill chunk on a slow CPU takes seconds); a
 /// worker that hangs is caught sooner by its heartbeats.
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// A stream paused this many times is ended with the last reason: a chain that keeps breaking
+/// must not hold a request for ever.
+const MAX_PAUSES: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -109,7 +112,9 @@ pub(crate) enum Msg {
     Opened { seq: u64, epoch: u64, result: Result<(), String> },
     Closed { seq: u64 },
     /// What came back for a micro-batch: sampled tokens by sequence, or why it failed.
-    Returned { micro_batch: u64, result: Result<Vec<(u64, Sampled)>, String> },
+    /// `in_order` when it came back through the chain (answers arrive in the order fed), not
+    /// from a failure found before the micro-batch left the head.
+    Returned { micro_batch: u64, result: Result<Vec<(u64, Sampled)>, String>, in_order: bool },
     /// Chain `epoch` broke or is being rebuilt: stop sending, forget what is in flight, rewind
     /// every running sequence. Requests keep queueing meanwhile. Ignored when `epoch` is not the
     /// chain in use (a late report about a chain already replaced).
@@ -189,12 +194,14 @@ struct Seq {
     ending: bool,
     /// When it last went into a micro-batch (a step counter), for fairness.
     served: u64,
+    /// Times the chain broke under it.
+    pauses: u32,
 }
 
 impl Seq {
     fn new(job: Job) -> Self {
         let context = job.req.prompt_tokens.clone();
-        Seq { job, phase: Phase::Opening, context, sent: 0, emitted: Vec::new(), next: None, in_flight: 0, ending: false, served: 0 }
+        Seq { job, phase: Phase::Opening, context, sent: 0, emitted: Vec::new(), next: None, in_flight: 0, ending: false, served: 0, pauses: 0 }
     }
 
     fn prompt_len(&self) -> usize {
@@ -209,6 +216,7 @@ impl Seq {
     /// Forgets the KV cache the lost chain held: the sequence is reopened and its context
     /// prefilled again, up to the token it was about to feed.
     fn rewind(&mut self) {
+        self.pauses += 1;
         self.phase = Phase::Opening;
         self.in_flight = 0;
         self.sent = 0;
@@ -311,33 +319,18 @@ impl Scheduler {
                     self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
                 }
             }
-            Msg::Returned { micro_batch, result } => {
-                let Some((members, _)) = self.in_flight.remove(&micro_batch) else { return };
-                for seq in &members {
-                    if let Some(s) = self.seqs.get_mut(seq) {
-                        s.in_flight -= 1;
+            Msg::Returned { micro_batch, result, in_order } => {
+                if in_order {
+                    // The chain answers in the order it was fed: what is still in flight from
+                    // before this micro-batch was lost on the way.
+                    let mut skipped: Vec<u64> = self.in_flight.keys().copied().filter(|&id| id < micro_batch).collect();
+                    skipped.sort_unstable();
+                    for id in skipped {
+                        self.returned(id, Err(format!("the last stage answered micro-batch {micro_batch} before micro-batch {id}")));
                     }
                 }
-                match result {
-                    Ok(samples) => {
-                        for (seq, sampled) in samples {
-                            self.token(seq, sampled);
-                        }
-                    }
-                    Err(why) => {
-                        for seq in &members {
-                            if let Some(s) = self.seqs.get_mut(seq) {
-                                if !s.ending {
-                                    let _ = s.job.tx.send(StreamEvent::Failed(why.clone()));
-                                    s.ending = true;
-                                }
-                            }
-                        }
-                    }
-                }
-                for seq in members {
-                    self.close_if_idle(seq);
-                }
+                // Unknown: an older chain's, already failed, or never sent.
+                self.returned(micro_batch, result);
             }
             Msg::Suspend { epoch, why } => {
                 if epoch == self.epoch {
@@ -362,6 +355,54 @@ impl Scheduler {
         }
     }
 
+    /// Ends micro-batch `mb` (if in flight) with what came back: its tokens, or why it failed.
+    /// An answer that names a sequence it does not carry, names one twice, or leaves one that
+    /// completed its context without a token fails the whole micro-batch: such a sequence would
+    /// otherwise wait for ever.
+    fn returned(&mut self, mb: u64, result: Result<Vec<(u64, Sampled)>, String>) {
+        let Some((members, _)) = self.in_flight.remove(&mb) else { return };
+        for seq in &members {
+            if let Some(s) = self.seqs.get_mut(seq) {
+                s.in_flight -= 1;
+            }
+        }
+        let result = result.and_then(|samples| {
+            let mut seen = std::collections::HashSet::new();
+            match samples.iter().find(|(seq, _)| !members.contains(seq) || !seen.insert(*seq)) {
+                Some((seq, _)) => Err(format!("the last stage's answer to micro-batch {mb} names sequence {seq} wrongly (not carried, or twice)")),
+                None => Ok(samples),
+            }
+        });
+        let failure = match result {
+            Ok(samples) => {
+                for (seq, sampled) in samples {
+                    self.token(seq, sampled);
+                }
+                None
+            }
+            Err(why) => Some(why),
+        };
+        for &seq in &members {
+            let Some(s) = self.seqs.get_mut(&seq) else { continue };
+            if s.ending {
+                continue;
+            }
+            let why = match &failure {
+                Some(why) => why.clone(),
+                // It completed its context in this micro-batch and got nothing back.
+                None if s.prefilled() && s.in_flight == 0 && s.next.is_none() => {
+                    format!("the last stage returned no token for sequence {seq} in micro-batch {mb}")
+                }
+                None => continue,
+            };
+            let _ = s.job.tx.send(StreamEvent::Failed(why));
+            s.ending = true;
+        }
+        for seq in members {
+            self.close_if_idle(seq);
+        }
+    }
+
     /// Stops using the chain: what is in flight will not come back, and what the stages hold is
     /// gone with it. Running sequences are rewound; those that were ending are simply forgotten.
     fn suspend(&mut self, why: &str) {
@@ -375,14 +416,17 @@ impl Scheduler {
         let mut paused = 0;
         for seq in ids {
             let s = self.seqs.get_mut(&seq).expect("listed above");
-            if s.ending || s.phase == Phase::Closing {
-                self.seqs.remove(&seq);
-                self.counters.running.fetch_sub(1, Ordering::SeqCst);
-                self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
-            } else {
+            if !s.ending && s.phase != Phase::Closing && s.pauses < MAX_PAUSES {
                 s.rewind();
                 paused += 1;
+                continue;
             }
+            if !s.ending {
+                let _ = s.job.tx.send(StreamEvent::Failed(format!("the chain broke {} times under this request; last: {why}", s.pauses + 1)));
+            }
+            self.seqs.remove(&seq);
+            self.counters.running.fetch_sub(1, Ordering::SeqCst);
+            self.counters.admitted.fetch_sub(1, Ordering::SeqCst);
         }
         tracing::warn!("{paused} stream(s) paused, {} queued: {why}", self.waiting.len());
     }
@@ -528,7 +572,7 @@ impl Scheduler {
             Err(e) => {
                 // Cannot happen for positions and sizes the scheduler makes; fail just these.
                 self.in_flight.insert(mb, (members, prefill));
-                let _ = self.tx.send(Msg::Returned { micro_batch: mb, result: Err(e.to_string()) });
+                let _ = self.tx.send(Msg::Returned { micro_batch: mb, result: Err(e.to_string()), in_order: false });
             }
         }
         true
@@ -603,7 +647,7 @@ async fn feed(chain: Arc<Chain>, counters: Arc<Counters>, tx: UnboundedSender<Ms
                 }
                 match out {
                     Some(f) if f.kind == FrameKind::Control => {
-                        let _ = tx.send(Msg::Returned { micro_batch: mb, result: Err(parse_failure(&f).to_string()) });
+                        let _ = tx.send(Msg::Returned { micro_batch: mb, result: Err(parse_failure(&f).to_string()), in_order: false });
                         continue;
                     }
                     Some(f) => f,

@@ -68,6 +68,13 @@ struct Loaded {
     chain: u64,
 }
 
+/// How often a `LoadShard` reports while it reads weights (the head gives up on a silent one).
+const LOAD_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// HTTP/2 streams one control connection may hold open at once: the head's opens, closes, health
+/// and stats fit many times over; a peer cannot make the worker hold more.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
 const STATE_IDLE: u8 = 0;
 const STATE_LOADING: u8 = 1;
 const STATE_SERVING: u8 = 2;
@@ -122,21 +129,6 @@ impl WorkerService {
                 incoming: tokio::sync::Mutex::new(None),
             }),
         })
-    }
-
-    /// The next data link whose peer proves the cluster key: a connection that fails the key
-    /// handshake is logged and dropped, and the wait goes on for the peer the head announced.
-    async fn accept_authenticated(
-        &self,
-    ) -> Result<baton_transport::Negotiated, baton_transport::LinkError> {
-        loop {
-            match self.inner.acceptor.accept().await {
-                Err(baton_transport::LinkError::Auth(e)) => {
-                    tracing::warn!("refused a data connection: {e}")
-                }
-                r => return r,
-            }
-        }
     }
 
     /// The shard being received, started afresh unless it is `set`'s.
@@ -563,10 +555,19 @@ impl Worker for WorkerService {
                 )))
                 .await;
             let device = this.inner.cfg.device.clone();
-            let loaded =
-                tokio::task::spawn_blocking(move || load_shard(path, layers.range(), device))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("load task failed: {e}")));
+            let mut task =
+                tokio::task::spawn_blocking(move || load_shard(path, layers.range(), device));
+            // Progress while the weights are read, so the head can tell a long read from a hang.
+            let mut tick = tokio::time::interval(LOAD_KEEPALIVE);
+            tick.tick().await;
+            let loaded = loop {
+                tokio::select! {
+                    done = &mut task => break done.unwrap_or_else(|e| Err(format!("load task failed: {e}"))),
+                    _ = tick.tick() => {
+                        let _ = tx.send(Ok(progress(pb::LoadPhase::Reading, format!("still reading layers {layers}")))).await;
+                    }
+                }
+            };
             let last = match loaded {
                 Ok((shard, bytes)) => {
                     let manifest = pb::ShardManifest {
@@ -727,7 +728,9 @@ impl Worker for WorkerService {
         let role = pb::LinkRole::try_from(req.role).unwrap_or(pb::LinkRole::Unspecified);
         let negotiated = match role {
             pb::LinkRole::Accept => {
-                tokio::time::timeout(timeout, self.accept_authenticated()).await
+                // The acceptor drops connections that fail the key handshake and waits on for the peer
+                // the head announced.
+                tokio::time::timeout(timeout, self.inner.acceptor.accept()).await
             }
             pb::LinkRole::Connect => {
                 let addr: SocketAddr = req
@@ -950,6 +953,7 @@ pub async fn serve(
         }
     };
     tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .add_service(baton_proto::worker_server(service))
         .serve_with_incoming_shutdown(security.incoming(listener), signal)
         .await
