@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use baton_cluster::config::ClusterConfig;
-use baton_cluster::discovery::{self, Advert, Advertiser, Browser, Inventory, NodeEntry};
+use baton_cluster::discovery::{self, Advert, Advertiser, Browser, Inventory, NodeEntry, Source};
 use baton_cluster::key::ClusterKey;
 
 /// How often a worker re-announces itself (its memory figures change).
@@ -119,6 +119,28 @@ pub fn discover_workers(
             }
             Err(e) => problems.push(format!("mDNS browsing failed: {e}")),
         }
+    }
+    // Anyone can advertise our (public) cluster id: only nodes that prove the key are used.
+    if entries.iter().any(|e| !e.sources.contains(&Source::Static)) {
+        let security = baton_proto::ControlSecurity::new(key.as_bytes())?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let mut verified = Vec::new();
+        for e in entries {
+            let peer = address(&e).map(|a| a.to_string()).unwrap_or_default();
+            let check = if e.sources.contains(&Source::Static) {
+                Ok(())
+            } else {
+                rt.block_on(discovery::verify_member(&peer, &e.advert.id, &cluster_id, &security, Duration::from_secs(5)))
+            };
+            match check {
+                Ok(()) => verified.push(e),
+                Err(why) => {
+                    tracing::warn!("ignoring {} at {peer}, found over mDNS: {why}", e.advert.name);
+                    problems.push(format!("{} at {peer} ignored: {why}", e.advert.name));
+                }
+            }
+        }
+        entries = verified;
     }
     entries.sort_by(|a, b| a.advert.name.cmp(&b.advert.name));
     let workers: Vec<String> = entries

@@ -163,7 +163,7 @@ fn workers_in_namespaces_by_mdns_then_by_static_peers() {
             "not found by mDNS alone: {lines:?}"
         );
         assert!(
-            err.contains("placement: planned over 4 stages"),
+            err.contains("planned over 4 stages"),
             "no planned placement:\n{err}"
         );
         assert!(

@@ -569,6 +569,25 @@ pub async fn probe_static_peers(
     failed
 }
 
+/// Whether `peer` (found over mDNS, where anyone may advertise any cluster id) proves the
+/// cluster key and is the node `id` of cluster `cluster_id`; why not otherwise.
+pub async fn verify_member(
+    peer: &str,
+    id: &str,
+    cluster_id: &str,
+    security: &baton_proto::ControlSecurity,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (info, _, _) = hello(peer, cluster_id, security, timeout).await?;
+    if info.cluster_id != cluster_id {
+        return Err(format!("belongs to cluster {}", info.cluster_id));
+    }
+    if info.id != id {
+        return Err(format!("is node {}, the advertisement said {id}", info.id));
+    }
+    Ok(())
+}
+
 async fn hello(
     peer: &str,
     cluster_id: &str,
