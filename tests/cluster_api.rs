@@ -115,6 +115,18 @@ fn post(addr: SocketAddr, path: &str, body: &Value) -> Value {
     serde_json::from_slice(&body).unwrap()
 }
 
+/// What a streamed response sent until it has `n` server-sent events (raw bytes, head included).
+fn read_events(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(6).filter(|w| w == b"data: ").count() < n {
+        let got = s.read(&mut buf).unwrap();
+        assert!(got > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..got]);
+    }
+    seen
+}
+
 /// The text of a streamed completion.
 fn sse_text(body: &[u8]) -> String {
     String::from_utf8_lossy(body)
@@ -287,13 +299,7 @@ fn a_client_that_disconnects_frees_its_sequence_on_every_stage() {
     let baseline = series(&metrics(addr), "baton_stage_kv_cache_bytes");
     let body = json!({"model": "smollm2", "prompt": "1, 2, 3,", "max_tokens": 1000, "temperature": 0, "stream": true});
     let mut s = send(addr, "POST", "/v1/completions", Some(&body));
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(6).filter(|w| w == b"data: ").count() < 4 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_events(&mut s, 4);
     // Every stage holds KV for it now (heartbeats report the workers' within a second).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -327,13 +333,7 @@ fn a_stream_goes_on_through_a_worker_death_and_metrics_name_the_node() {
     assert_eq!(series(&up, "baton_node_up").iter().filter(|(_, v)| *v == 1.0).count(), 3, "head + 2 workers up:\n{up}");
 
     let mut s = send(addr, "POST", "/v1/completions", Some(&body));
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(6).filter(|w| w == b"data: ").count() < 4 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut seen = read_events(&mut s, 4);
     assert_eq!(unsafe { libc::kill(srv.workers[0] as i32, libc::SIGKILL) }, 0);
     s.read_to_end(&mut seen).unwrap();
     let split = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap();

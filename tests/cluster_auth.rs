@@ -4,16 +4,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+#[path = "common/worker.rs"]
+mod worker;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use baton_proto::pb;
 use baton_transport::negotiate::{dial, NegotiateOptions, Preference};
 use baton_transport::{ClusterKey, LinkConfig, LinkError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use worker::Worker;
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
@@ -31,64 +33,8 @@ fn write_key(path: &Path, byte: u8) -> Vec<u8> {
     bytes
 }
 
-/// A worker process, killed on drop.
-struct Worker {
-    child: Child,
-    control: SocketAddr,
-    data: SocketAddr,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_worker(dir: &Path, key_file: &Path) -> Worker {
-    let mut child = Command::new(BATON)
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--transport",
-            "tcp",
-            "--name",
-            "auth-worker",
-        ])
-        .arg("--state-dir")
-        .arg(dir)
-        .arg("--key-file")
-        .arg(key_file)
-        .env("BATON_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
-        for _ in lines {}
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
-    let mut w = Worker {
-        child,
-        control: ([0, 0, 0, 0], 0).into(),
-        data: ([0, 0, 0, 0], 0).into(),
-    };
-    let line = line.expect("worker did not come up within 60 s");
-    let field = |name: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name))
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    w.control = field("control=");
-    w.data = field("data=");
-    w
+    Worker::start(Worker::command("auth-worker", dir, key_file))
 }
 
 #[test]

@@ -10,12 +10,25 @@ mod common;
 
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/worker.rs"]
+mod worker;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netns::{can_run, start_worker, Net, Proc};
+use netns::{can_run, start_worker, Net};
+use worker::Worker;
+
+/// A process in a namespace, killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 const PROMPT: &str = "Once upon a time, in a small village,";
@@ -146,7 +159,7 @@ fn workers_in_namespaces_by_mdns_then_by_static_peers() {
     )
     .unwrap();
     {
-        let _workers: Vec<Proc> = (1..=3)
+        let _workers: Vec<Worker> = (1..=3)
             .map(|i| start_worker(&net, i, dir.path(), &key))
             .collect();
         let (out, err) = run_head(&net, dir.path(), &key, &config, &model);
@@ -188,7 +201,7 @@ fn workers_in_namespaces_by_mdns_then_by_static_peers() {
         ),
     )
     .unwrap();
-    let _workers: Vec<Proc> = (1..=3)
+    let _workers: Vec<Worker> = (1..=3)
         .map(|i| start_worker(&net, i, dir.path(), &key))
         .collect();
     let (out, err) = run_head(&net, dir.path(), &key, &config, &model);

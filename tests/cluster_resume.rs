@@ -12,13 +12,15 @@ mod common;
 mod netns;
 #[path = "common/serve.rs"]
 mod serve;
+#[path = "common/worker.rs"]
+mod worker;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use serve::{Serve, BATON};
+use worker::Worker;
 
 const MAX_TOKENS: u64 = 40;
 /// Tokens every stream has streamed before the disturbance: it hits them all mid-generation.
@@ -127,37 +129,8 @@ fn streams_resume_after_a_worker_is_drained_and_it_can_then_stop() {
 }
 
 /// A `baton worker` process on loopback holding the head's cluster key; killed when dropped.
-struct Worker(Child, String);
-
-impl Worker {
-    fn start(serve: &Serve, dir: &std::path::Path) -> Worker {
-        let mut child = Command::new(BATON)
-            .args(["worker", "--listen", "127.0.0.1:0", "--no-mdns", "--name", "late-worker", "--state-dir"])
-            .arg(dir)
-            .arg("--key-file")
-            .arg(serve.state_dir().join("cluster.key"))
-            .env("BATON_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-            let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
-            for _ in lines {}
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).ok().flatten().expect("the worker came up");
-        let control = line.split_whitespace().find_map(|f| f.strip_prefix("control=")).unwrap().to_string();
-        Worker(child, control)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn late_worker(serve: &Serve, dir: &std::path::Path) -> Worker {
+    Worker::start(Worker::command("late-worker", dir, &serve.state_dir().join("cluster.key")))
 }
 
 #[test]
@@ -165,10 +138,10 @@ fn a_joined_worker_is_used_at_the_rebalance_and_streams_resume() {
     let mut serve = Serve::start(1, &common::smollm2(), &[]);
     serve.worker_pids(1, Duration::from_secs(60));
     let dir = tempfile::tempdir().unwrap();
-    let late = Worker::start(&serve, dir.path());
+    let late = late_worker(&serve, dir.path());
     let undisturbed = run(&mut serve, 0, |_| {});
 
-    let out = serve.baton(&["join", &late.1]);
+    let out = serve.baton(&["join", &late.control.to_string()]);
     assert!(out.contains("late-worker") && out.contains("next re-plan"), "{out}");
     let s = status(&serve);
     assert_eq!(node(&s, "late-worker")["state"], "spare", "{s}");
@@ -238,7 +211,7 @@ fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
         std::io::Write::write_all(&mut f, "6b".repeat(32).as_bytes()).unwrap();
     }
-    let workers: Vec<netns::Proc> = (1..=3).map(|i| netns::start_worker(&net, i, dir.path(), &key)).collect();
+    let workers: Vec<Worker> = (1..=3).map(|i| netns::start_worker(&net, i, dir.path(), &key)).collect();
     let endpoints: Vec<String> = (1..=3).map(|i| format!("{}:8422", netns::Net::addr(i))).collect();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &net.ns("head"), BATON, "head", "--stdin", "--wire-dtype", "f32", "--transport", "tcp", "--name", "head"])
@@ -250,7 +223,7 @@ fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
     let mut head = Serve::spawn(cmd, tempfile::tempdir().unwrap());
 
     let undisturbed = run(&mut head, 0, |_| {});
-    let killed = run(&mut head, 5, |_| kill(workers[1].0.id()));
+    let killed = run(&mut head, 5, |_| kill(workers[1].child.id()));
     assert_same(&undisturbed, &killed, "after worker-2 was killed");
     // No packet of worker-1 arrives any more and none of its connections is reset: the head
     // notices the silence (3 s without heartbeats) and goes on with worker-3 alone.
@@ -274,11 +247,11 @@ fn with_rebalance_when_idle_a_joined_worker_is_taken_in_once_no_request_runs() {
     let mut serve = Serve::start(1, &common::smollm2(), &["--rebalance-when-idle"]);
     serve.worker_pids(1, Duration::from_secs(60));
     let dir = tempfile::tempdir().unwrap();
-    let late = Worker::start(&serve, dir.path());
+    let late = late_worker(&serve, dir.path());
     let undisturbed = run(&mut serve, 0, |_| {});
     // Joined while streams run: the head waits for them to finish, then re-plans on its own.
     let during = run(&mut serve, 5, |serve| {
-        let out = serve.baton(&["join", &late.1]);
+        let out = serve.baton(&["join", &late.control.to_string()]);
         assert!(out.contains("once no request runs"), "{out}");
         assert_eq!(status(serve)["replans"], 0, "re-planned under load");
     });

@@ -21,12 +21,13 @@
 
 mod common;
 
+#[path = "common/worker.rs"]
+mod worker;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -48,7 +49,6 @@ use tokio::time::timeout;
 use tonic::codegen::tokio_stream::{self, wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-const BATON: &str = env!("CARGO_BIN_EXE_baton");
 const OURS: [u8; 32] = [0x11; 32];
 const THEIRS: [u8; 32] = [0x22; 32];
 
@@ -70,63 +70,12 @@ fn write_key(path: &Path, key: &[u8]) {
     std::io::Write::write_all(&mut f, hex(key).as_bytes()).unwrap();
 }
 
-/// A `baton worker` process on loopback, killed on drop.
-struct WorkerProcess {
-    child: Child,
-    control: SocketAddr,
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_worker(dir: &Path, key: &[u8], name: &str) -> WorkerProcess {
+/// A `baton worker` process on loopback holding `key`, killed on drop.
+fn start_worker(dir: &Path, key: &[u8], name: &str) -> worker::Worker {
     std::fs::create_dir_all(dir).unwrap();
     let key_file = dir.join("cluster.key");
     write_key(&key_file, key);
-    let mut child = Command::new(BATON)
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--transport",
-            "tcp",
-            "--no-mdns",
-            "--name",
-            name,
-        ])
-        .arg("--state-dir")
-        .arg(dir)
-        .arg("--key-file")
-        .arg(&key_file)
-        .env("BATON_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
-        for _ in lines {}
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
-    let mut w = WorkerProcess {
-        child,
-        control: ([127, 0, 0, 1], 0).into(),
-    };
-    let line = line.expect("the worker did not come up within 60 s");
-    w.control = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("control="))
-        .unwrap()
-        .parse()
-        .unwrap();
-    w
+    worker::Worker::start(worker::Worker::command(name, dir, &key_file))
 }
 
 /// The thread names of every panic in this process. A panic in a task the head spawned reaches

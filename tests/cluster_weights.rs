@@ -4,13 +4,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+#[path = "common/worker.rs"]
+mod worker;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use worker::Worker;
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 const PROMPT: &str = "The capital of France is";
@@ -19,52 +23,10 @@ const MAX_TOKENS: &str = "8";
 /// weight push does.
 const CUT_AFTER: u64 = 8 << 20;
 
-struct Worker(Child, SocketAddr);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_worker(name: &str, state: &Path, key: &Path) -> Worker {
-    let mut child = Command::new(BATON)
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--transport",
-            "tcp",
-            "--name",
-            name,
-        ])
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--key-file")
-        .arg(key)
-        .env("BATON_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
-        for _ in lines {}
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
-    let mut w = Worker(child, ([0, 0, 0, 0], 0).into());
-    let line = line.expect("worker did not come up within 60 s");
-    w.1 = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("control="))
-        .unwrap()
-        .parse()
-        .unwrap();
-    w
+    let mut cmd = Worker::command(name, state, key);
+    cmd.env("BATON_LOG", "info");
+    Worker::start(cmd)
 }
 
 /// A TCP proxy to `target` that cuts the first connection carrying more than [`CUT_AFTER`]
@@ -225,10 +187,10 @@ fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches
     .unwrap();
     let a = start_worker("worker-a", &dir.path().join("a"), &key);
     let b = start_worker("worker-b", &dir.path().join("b"), &key);
-    let (proxy, cut) = cutting_proxy(b.1);
+    let (proxy, cut) = cutting_proxy(b.control);
 
     let (out, err) = head(
-        &format!("{},{proxy}", a.1),
+        &format!("{},{proxy}", a.control),
         dir.path(),
         &key,
         &config,
@@ -275,7 +237,7 @@ fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches
     drop(b);
     let b = start_worker("worker-b", &dir.path().join("b"), &key);
     let (out, err) = head(
-        &format!("{},{}", a.1, b.1),
+        &format!("{},{}", a.control, b.control),
         dir.path(),
         &key,
         &config,

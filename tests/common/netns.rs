@@ -1,12 +1,16 @@
 //! Network namespaces for cluster tests: a switch (a bridge in a namespace of its own), one
 //! namespace per host with a veth pair to the switch, removed on drop (also on failure). Included
-//! with `#[path]` by the tests that need it; they run only as root with `ip` (iproute2).
+//! with `#[path]`, beside common/worker.rs, by the tests that need it; they run only as root with
+//! `ip` (iproute2).
 
-use std::io::{BufRead, BufReader};
+// Each test binary compiles its own copy and uses part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+
+use super::worker::Worker;
 
 pub const HOSTS: [&str; 4] = ["head", "worker-1", "worker-2", "worker-3"];
 
@@ -124,7 +128,6 @@ impl Net {
 impl Net {
     /// Host `i` drops off the switch: its packets go nowhere, and no connection of it is reset
     /// (as when a machine loses power).
-    #[allow(dead_code)] // each test binary compiles its own copy; not all of them unplug
     pub fn unplug(&self, i: usize) {
         ip(&["-n", &self.ns("sw"), "link", "set", &format!("{}s{i}", self.prefix), "down"]);
     }
@@ -141,53 +144,15 @@ impl Drop for Net {
     }
 }
 
-/// A process in a namespace, killed on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `baton worker` as host `i` (named after it, control on port 8422, TCP data links).
-pub fn start_worker(net: &Net, i: usize, dir: &Path, key: &Path) -> Proc {
+pub fn start_worker(net: &Net, i: usize, dir: &Path, key: &Path) -> Worker {
     let name = HOSTS[i];
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.ns(name),
-            env!("CARGO_BIN_EXE_baton"),
-            "worker",
-            "--listen",
-            "0.0.0.0:8422",
-            "--transport",
-            "tcp",
-            "--name",
-            name,
-        ])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &net.ns(name), env!("CARGO_BIN_EXE_baton"), "worker", "--listen", "0.0.0.0:8422", "--transport", "tcp", "--name", name])
         .arg("--state-dir")
         .arg(dir.join(name))
         .arg("--key-file")
         .arg(key)
-        .env("BATON_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        let _ = tx.send(lines.by_ref().find(|l| l.starts_with("BATON_WORKER_READY")));
-        for _ in lines {}
-    });
-    let proc = Proc(child);
-    rx.recv_timeout(Duration::from_secs(60))
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("{name} did not come up within 60 s"));
-    proc
+        .env("BATON_LOG", "info");
+    Worker::start(cmd)
 }
