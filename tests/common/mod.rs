@@ -8,14 +8,8 @@ use std::path::PathBuf;
 pub fn smollm2() -> PathBuf {
     let dir = std::env::var_os("BATON_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/baton/models"));
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh", path.display());
     path
 }
