@@ -453,7 +453,7 @@ impl Head {
         }
         let epoch = m.epoch + 1;
         let Placement { ranges, how: placement } = self.plan(m, workers)?;
-        tracing::info!("placement for chain {epoch}: {placement}");
+        tracing::info!("placement: {placement} (chain {epoch})");
         let (local_range, worker_ranges) = if cfg.local_stage { (Some(ranges[0].clone()), &ranges[1..]) } else { (None, &ranges[..]) };
         let layers = |r: &Range<usize>| format!("{}..{}", r.start, r.end);
         let mut stages = Vec::new();
