@@ -1,6 +1,9 @@
 //! `baton serve --stdin` as a child process: JSON requests in, JSON lines out, stderr collected.
 //! Included with `#[path]` by the tests that drive it.
 
+// Each test binary compiles its own copy and uses part of it.
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
