@@ -4,7 +4,7 @@
 //! rebalanced (and rebalanced again, keeping every shard). Every stream completes with exactly the undisturbed tokens, none repeated or lost.
 //! When the model no longer fits (the only worker killed), the streams end with an error naming the
 //! node and new requests are refused with the reason. Across network namespaces (root only), the
-//! same streams survive a worker killed and then a host that drops off the network.
+//! same streams survive a drain, a worker killed and a host that drops off the network.
 
 mod common;
 
@@ -198,7 +198,7 @@ fn when_the_model_no_longer_fits_streams_end_with_the_reason() {
 }
 
 #[test]
-fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
+fn in_namespaces_streams_resume_after_a_drain_a_kill_and_a_host_dropping_off() {
     if !netns::can_run() {
         return;
     }
@@ -222,16 +222,39 @@ fn in_namespaces_streams_resume_after_a_kill_and_after_a_host_drops_off() {
         .arg(&key);
     let mut head = Serve::spawn(cmd, tempfile::tempdir().unwrap());
 
+    // The operator commands run in the head's namespace, where its operator service listens.
+    let operate = |head: &Serve, args: &[&str]| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.ns("head"), BATON])
+            .args(args)
+            .arg("--state-dir")
+            .arg(head.state_dir())
+            .arg("--key-file")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "baton {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
     let undisturbed = run(&mut head, 0, |_| {});
-    let killed = run(&mut head, 5, |_| kill(workers[1].child.id()));
+    let drained = run(&mut head, 5, |head| {
+        let out = operate(head, &["drain", "worker-3"]);
+        assert!(out.contains("5 stream(s) resumed"), "{out}");
+    });
+    assert_same(&undisturbed, &drained, "across the drain of worker-3");
+    // Back in, for the losses to come.
+    operate(&head, &["join", &endpoints[2]]);
+    operate(&head, &["rebalance"]);
+    let killed = run(&mut head, 10, |_| kill(workers[1].child.id()));
     assert_same(&undisturbed, &killed, "after worker-2 was killed");
     // No packet of worker-1 arrives any more and none of its connections is reset: the head
     // notices the silence (3 s without heartbeats) and goes on with worker-3 alone.
-    let unplugged = run(&mut head, 10, |_| net.unplug(1));
+    let unplugged = run(&mut head, 15, |_| net.unplug(1));
     assert_same(&undisturbed, &unplugged, "after worker-1 dropped off the network");
 
     let s = status(&head);
-    assert_eq!((&s["state"], &s["replans"]), (&json!("serving"), &json!(2)), "{s}");
+    assert_eq!((&s["state"], &s["replans"]), (&json!("serving"), &json!(4)), "{s}");
     for (name, why) in [("worker-2", "health stream"), ("worker-1", "")] {
         let n = node(&s, name);
         assert_eq!(n["state"], "gone", "{n}");
