@@ -46,6 +46,8 @@ pub enum StreamError {
     BadResume(String),
     #[error("weight set's tensors add up to more than {} bytes", u64::MAX)]
     TooLarge,
+    #[error("tensor `{name}` started while tensor `{open}` is incomplete: tensors arrive one after another")]
+    Interleaved { name: String, open: String },
 }
 
 /// A [`pb::TensorInfo`] for `bytes`, with its digest.
@@ -133,7 +135,10 @@ pub enum Accepted {
 pub struct Receiver {
     set: pb::WeightSet,
     have: Vec<u64>,
-    hashers: Vec<blake3::Hasher>,
+    /// The one tensor partly received and its digest so far. Tensors arrive one after another,
+    /// so one hasher serves (one per declared tensor would let a set of tiny entries allocate
+    /// ~50 times its own size).
+    open: Option<(usize, blake3::Hasher)>,
 }
 
 impl Receiver {
@@ -165,7 +170,7 @@ impl Receiver {
         Ok(Receiver {
             set,
             have: vec![0; n],
-            hashers: vec![blake3::Hasher::new(); n],
+            open: None,
         })
     }
 
@@ -234,16 +239,27 @@ impl Receiver {
                 got: offset,
             });
         }
-        self.hashers[index].update(data);
+        // Bytes held and not complete mean this tensor is the open one.
+        let hasher = match &mut self.open {
+            Some((open, h)) if *open == index => h,
+            Some((open, _)) => {
+                return Err(StreamError::Interleaved {
+                    name: name(),
+                    open: self.set.tensors[*open].name.clone(),
+                })
+            }
+            None => &mut self.open.insert((index, blake3::Hasher::new())).1,
+        };
+        hasher.update(data);
         self.have[index] = end;
         if end < info.size {
             return Ok(Accepted::Fresh);
         }
-        if self.hashers[index].finalize().as_bytes()[..] == info.digest[..] {
+        let (_, hasher) = self.open.take().expect("opened above");
+        if hasher.finalize().as_bytes()[..] == info.digest[..] {
             Ok(Accepted::TensorComplete)
         } else {
             self.have[index] = 0;
-            self.hashers[index] = blake3::Hasher::new();
             Err(StreamError::DigestMismatch { name: name() })
         }
     }
@@ -466,6 +482,19 @@ mod tests {
 
     /// Two tensors of 2^63 bytes made `bytes_total` overflow: a panic (overflow checks on) in the
     /// worker's `PushWeights` handler, reproduced through the `control_messages` fuzz target.
+    #[test]
+    fn tensors_arrive_one_after_another() {
+        let tensors = vec![vec![1u8; 10], vec![2u8; 10]];
+        let mut rx = Receiver::new(set_of(&tensors)).unwrap();
+        let chunk = |tensor: u32, offset: u64, data: &[u8]| make_chunk(ChunkSpan { tensor, offset, len: data.len() as u32 }, data.to_vec());
+        assert_eq!(rx.accept(&chunk(0, 0, &[1; 4])), Ok(Accepted::Fresh));
+        assert!(matches!(rx.accept(&chunk(1, 0, &[2; 4])), Err(StreamError::Interleaved { .. })));
+        assert_eq!(rx.have(), [4, 0]);
+        assert_eq!(rx.accept(&chunk(0, 4, &[1; 6])), Ok(Accepted::TensorComplete));
+        assert_eq!(rx.accept(&chunk(1, 0, &[2; 10])), Ok(Accepted::TensorComplete));
+        assert!(rx.is_complete());
+    }
+
     #[test]
     fn a_set_larger_than_u64_bytes_is_refused() {
         let mut set = set_of(&[vec![1], vec![2]]);
