@@ -656,7 +656,10 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     let running = if pid_alive(s.pid) { "running" } else { "not running" };
     println!("head {} (pid {}, {running}): {}", s.head, s.pid, s.state);
     if !s.control.is_empty() {
-        println!("operator service {} (baton drain / join / rebalance), chain rebuilt {} time(s)", s.control, s.replans);
+        println!("operator service {} (baton drain / join / rebalance)", s.control);
+    }
+    if s.replans > 0 {
+        println!("chain rebuilt {} time(s), {} stream(s) resumed, last pause {} ms", s.replans, s.resumed_sequences, s.last_pause_ms);
     }
     println!("model {}, wire {}, {}", s.model, s.wire_dtype, s.placement);
     println!("\nNODE            ENDPOINT               STATE    BACKEND  AVAILABLE / TOTAL        KV");

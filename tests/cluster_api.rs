@@ -3,7 +3,8 @@
 //! lengths, staggered arrivals, chunked prefill, several sequences per micro-batch) equal their
 //! solo output; KV returns to its baseline on every stage; logprobs come through the chain; a full
 //! queue answers 429; a client that disconnects frees its sequence everywhere; a stream goes on
-//! through a worker's death and `/metrics` names the node that was lost.
+//! through a worker's death and `/metrics` names the node that was lost; when no worker is left,
+//! the stream ends with an error event and requests get 503 with the reason.
 
 mod common;
 
@@ -30,10 +31,13 @@ struct Server {
 }
 
 impl Server {
+    /// `baton serve --workers 2 ...`, unless `extra` says how many.
     fn start(model: &PathBuf, extra: &[&str]) -> Server {
+        let workers: &[&str] = if extra.contains(&"--workers") { &[] } else { &["--workers", "2"] };
         let state = tempfile::tempdir().unwrap();
         let mut child = Command::new(BATON)
-            .args(["serve", "--workers", "2", "--wire-dtype", "f32", "--listen", "127.0.0.1:0", "--model-id", "smollm2"])
+            .args(["serve", "--wire-dtype", "f32", "--listen", "127.0.0.1:0", "--model-id", "smollm2"])
+            .args(workers)
             .args(extra)
             .arg("--model")
             .arg(model)
@@ -352,4 +356,33 @@ fn a_stream_goes_on_through_a_worker_death_and_metrics_name_the_node() {
     assert_eq!(node("baton_resumed_sequences_total", ""), Some(1.0), "{m}");
     let (status, _) = request(addr, "GET", "/ready", None);
     assert_eq!(status, 200, "the cluster serves on head + worker-1");
+}
+
+#[test]
+fn when_the_model_no_longer_fits_the_stream_gets_an_error_event_and_requests_503() {
+    let model = common::smollm2();
+    let srv = Server::start(&model, &["--workers", "1"]);
+    let addr = srv.addr;
+    let body = json!({"model": "smollm2", "prompt": "1, 2, 3,", "max_tokens": 1000, "temperature": 0, "stream": true});
+    let mut s = send(addr, "POST", "/v1/completions", Some(&body));
+    let mut seen = read_events(&mut s, 4);
+    assert_eq!(unsafe { libc::kill(srv.workers[0] as i32, libc::SIGKILL) }, 0);
+    s.read_to_end(&mut seen).unwrap();
+    let split = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let events = String::from_utf8_lossy(&dechunk(&seen[split + 4..])).into_owned();
+    let error = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|e| e.get("error").cloned())
+        .unwrap_or_else(|| panic!("no error event in:\n{events}"));
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("worker-0") && message.contains("no worker is left"), "{error}");
+
+    let (status, body) = request(addr, "POST", "/v1/completions", Some(&json!({"model": "smollm2", "prompt": "hi", "max_tokens": 1})));
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("no worker is left"), "{body}");
+    let (status, _) = request(addr, "GET", "/ready", None);
+    assert_eq!(status, 503);
 }
