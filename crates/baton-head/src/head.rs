@@ -906,10 +906,13 @@ impl Head {
         }
     }
 
-    /// Follows a worker's health stream for chain `epoch`; silence or a broken stream means the
-    /// worker is gone.
+    /// Follows a worker's health stream for chain `epoch`; a broken stream, or silence that a
+    /// direct `Hello` cannot break either, means the worker is gone.
     async fn watch(self, epoch: u64, w: WorkerHandle) {
         let timeout = self.inner.cfg.failure_timeout;
+        // Silence for two thirds of the timeout, then a `Hello` within the last third: a worker
+        // starved of CPU (late beats) is told from a vanished one within the timeout.
+        let (silence, probe) = (timeout * 2 / 3, timeout / 3);
         // Ten beats per timeout, so one late beat is no alarm; never faster than the worker allows.
         let interval_ms = (timeout.as_millis() / 10).clamp(50, u128::from(u32::MAX)) as u32;
         let mut client = w.client.clone();
@@ -918,8 +921,12 @@ impl Head {
             Ok(r) => {
                 let mut stream = r.into_inner();
                 loop {
-                    match tokio::time::timeout(timeout, stream.next()).await {
-                        Err(_) => break format!("no heartbeat for {timeout:?}"),
+                    match tokio::time::timeout(silence, stream.next()).await {
+                        Err(_) => match tokio::time::timeout(probe, client.hello(self.hello_request())).await {
+                            Ok(Ok(_)) => tracing::warn!("worker {}: no heartbeat for {silence:?}, but it answers: kept", w.name),
+                            Ok(Err(s)) => break format!("no heartbeat for {silence:?}, and unreachable: {}", s.message()),
+                            Err(_) => break format!("no heartbeat for {silence:?} nor answer for {probe:?}"),
+                        },
                         Ok(None) => break "health stream ended".to_string(),
                         Ok(Some(Err(s))) => break format!("health stream broke: {}", s.message()),
                         Ok(Some(Ok(beat))) => {

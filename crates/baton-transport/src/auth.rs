@@ -73,10 +73,15 @@ pub enum AuthError {
     BadVersion(u8),
     #[error("peer claims the same role as this end")]
     BadRole,
-    #[error("peer belongs to cluster {peer:02x?}, this node to {ours:02x?}")]
+    #[error("peer belongs to cluster {}, this node to {}: they hold different cluster keys", hex(peer), hex(ours))]
     WrongCluster { ours: [u8; 8], peer: [u8; 8] },
     #[error("peer's proof of the cluster key is wrong (wrong key, replayed or tampered handshake)")]
     BadProof,
+}
+
+/// A cluster id as the logs and `baton status` write it.
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Keys for the record layer, one per direction.
