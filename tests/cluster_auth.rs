@@ -20,16 +20,8 @@ use worker::Worker;
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
 fn write_key(path: &Path, byte: u8) -> Vec<u8> {
-    use std::os::unix::fs::OpenOptionsExt;
     let bytes = vec![byte; 32];
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, hex.as_bytes()).unwrap();
+    worker::write_key(path, &bytes);
     bytes
 }
 

@@ -135,16 +135,7 @@ fn workers_in_namespaces_by_mdns_then_by_static_peers() {
     let expected = single_process(&model);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap();
-        std::io::Write::write_all(&mut f, "5a".repeat(32).as_bytes()).unwrap();
-    }
+    worker::write_key(&key, &[0x5a; 32]);
     let absent = dir.path().join("absent.gguf");
     let net = Net::build();
 

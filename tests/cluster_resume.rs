@@ -119,11 +119,7 @@ fn streams_resume_after_a_worker_is_drained_and_it_can_then_stop() {
     // Without the cluster key, the head's operator service gives nothing.
     let dir = tempfile::tempdir().unwrap();
     let stranger = dir.path().join("stranger.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&stranger).unwrap();
-        std::io::Write::write_all(&mut f, "7c".repeat(32).as_bytes()).unwrap();
-    }
+    worker::write_key(&stranger, &[0x7c; 32]);
     let refused = Command::new(BATON).args(["drain", "worker-0", "--state-dir"]).arg(serve.state_dir()).arg("--key-file").arg(&stranger).output().unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains("different cluster keys"), "a stranger's drain: {err}");
@@ -220,11 +216,7 @@ fn in_namespaces_streams_resume_after_a_drain_a_kill_and_a_host_dropping_off() {
     let net = netns::Net::build();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
-        std::io::Write::write_all(&mut f, "6b".repeat(32).as_bytes()).unwrap();
-    }
+    worker::write_key(&key, &[0x6b; 32]);
     let workers: Vec<Worker> = (1..=3).map(|i| netns::start_worker(&net, i, dir.path(), &key)).collect();
     let endpoints: Vec<String> = (1..=3).map(|i| format!("{}:8422", netns::Net::addr(i))).collect();
     let mut cmd = Command::new("ip");

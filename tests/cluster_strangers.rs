@@ -59,22 +59,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn write_key(path: &Path, key: &[u8]) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, hex(key).as_bytes()).unwrap();
-}
 
 /// A `baton worker` process on loopback holding `key`, killed on drop.
 fn start_worker(dir: &Path, key: &[u8], name: &str) -> worker::Worker {
     std::fs::create_dir_all(dir).unwrap();
     let key_file = dir.join("cluster.key");
-    write_key(&key_file, key);
+    worker::write_key(&key_file, key);
     worker::Worker::start(worker::Worker::command(name, dir, &key_file))
 }
 

@@ -165,16 +165,7 @@ fn a_worker_without_the_model_gets_its_tensors_resumes_a_dropped_push_and_caches
     let expected = single_process(&model);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap();
-        std::io::Write::write_all(&mut f, "ab".repeat(32).as_bytes()).unwrap();
-    }
+    worker::write_key(&key, &[0xab; 32]);
     // worker-b's model path does not exist: it must get its tensors from the head.
     let config = dir.path().join("cluster.toml");
     std::fs::write(

@@ -53,6 +53,14 @@ impl Worker {
     }
 }
 
+/// Writes `key` as a cluster key file (hex, mode 0600, as `baton` insists).
+pub fn write_key(path: &Path, key: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    std::io::Write::write_all(&mut f, hex.as_bytes()).unwrap();
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();

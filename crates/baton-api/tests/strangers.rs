@@ -13,16 +13,14 @@ use tokio::net::TcpStream;
 
 const KEY: &str = "k-strangers";
 
+/// The API with [`KEY`] as its only key.
+fn keyed() -> ApiConfig {
+    ApiConfig { api_keys: vec![KEY.into()], ..ApiConfig::default() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_but_the_probes_wants_a_key() {
-    let srv = serve(
-        backend(),
-        ApiConfig {
-            api_keys: vec![KEY.into()],
-            ..ApiConfig::default()
-        },
-    )
-    .await;
+    let srv = serve(backend(), keyed()).await;
     let a = srv.addr;
     let chat = chat_body("hi", serde_json::json!({"max_tokens": 1})).to_string();
     let completion =
@@ -79,14 +77,7 @@ async fn every_route_but_the_probes_wants_a_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_without_a_key_is_refused_before_its_body_is_read() {
-    let srv = serve(
-        backend(),
-        ApiConfig {
-            api_keys: vec![KEY.into()],
-            ..ApiConfig::default()
-        },
-    )
-    .await;
+    let srv = serve(backend(), keyed()).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     // Announces a body far over the limit and never sends it: a server that read bodies before
     // checking keys would wait for it (or buffer it) instead of answering.
